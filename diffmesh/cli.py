@@ -1,0 +1,242 @@
+"""The `diffmesh` command: serve one stage, bring the whole mesh up locally, generate, write the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+STAGE_MODULES = {
+    "encoder": "services.encoder.server",
+    "denoiser": "services.denoiser.server",
+    "decoder": "services.decoder.server",
+    "gateway": "services.gateway.server",
+}
+READY_PREFIX = "diffmesh is up:"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    importlib.import_module(STAGE_MODULES[args.stage]).main(args.stage_args)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from services.common.tiny_model import write_tiny_model
+
+    started = time.monotonic()
+    path = write_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote tiny Wan2.1 model to {path} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+class Mesh:
+    """The four services as child processes; any one dying stops them all."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        # Own process group, so a Ctrl-C in the terminal reaches only us and we stop children in order.
+        self.children[name] = subprocess.Popen(
+            [sys.executable, "-m", STAGE_MODULES[name], *argv], start_new_session=True
+        )
+
+    def wait_for_file(self, name: str, path: pathlib.Path, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists():
+                return path.read_text().strip()
+            self.check_alive()
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not start within {timeout:.0f}s")
+
+    def check_alive(self) -> None:
+        for name, child in self.children.items():
+            if child.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {child.returncode}")
+
+    def stop(self, grace: float = 30.0) -> None:
+        # Gateway first, so no new work reaches the stages while they drain.
+        for name in ("gateway", "encoder", "denoiser", "decoder"):
+            child = self.children.get(name)
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.common.models import resolve_model_dir
+
+    # Written here, before any stage starts, so the stages never race to create the same directory.
+    model = resolve_model_dir(args.model)
+    common = ["--model", str(model.path), "--model-name", model.name, "--host", args.host]
+    if args.device:
+        common += ["--device", args.device]
+    mesh = Mesh()
+    stop_requested = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    with tempfile.TemporaryDirectory(prefix="diffmesh-up-") as tmp:
+        ports = pathlib.Path(tmp)
+        try:
+            for stage in ("encoder", "denoiser", "decoder"):
+                mesh.spawn(stage, [*common, "--port", "0", "--port-file", str(ports / stage)])
+            addresses = {
+                stage: f"{args.host}:{mesh.wait_for_file(stage, ports / stage, args.start_timeout)}"
+                for stage in ("encoder", "denoiser", "decoder")
+            }
+            gateway_argv = [
+                "--host", args.host, "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
+                "--model-name", model.name, "--port-file", str(ports / "gateway"),
+                *[f"--{stage}={address}" for stage, address in addresses.items()],
+            ]
+            if args.default_size:
+                gateway_argv += ["--default-size", args.default_size]
+            if args.default_steps:
+                gateway_argv += ["--default-steps", str(args.default_steps)]
+            mesh.spawn("gateway", gateway_argv)
+            grpc_port, http_port = mesh.wait_for_file("gateway", ports / "gateway", args.start_timeout).split()
+            wait_healthy(f"http://{args.host}:{http_port}/health", mesh, args.start_timeout)
+            print(f"{READY_PREFIX} gateway grpc={args.host}:{grpc_port} http=http://{args.host}:{http_port} "
+                  f"model={model.name}", flush=True)
+            while not stop_requested:
+                mesh.check_alive()
+                time.sleep(0.2)
+            print("stopping diffmesh...", flush=True)
+            return 0
+        except RuntimeError as error:
+            print(f"diffmesh up failed: {error}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            mesh.stop()
+
+
+def wait_healthy(url: str, mesh: Mesh, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mesh.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"gateway never reported healthy at {url}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from diffmesh.client import GatewayClient
+    from diffmesh.v1 import decoder_pb2, gateway_pb2
+
+    output = pathlib.Path(args.output)
+    suffix = output.suffix.lower()
+    if suffix not in (".png", ".mp4"):
+        print("error: -o must end in .png or .mp4", file=sys.stderr)
+        return 2
+    frames = args.frames or (1 if suffix == ".png" else 17)
+    width, height = (int(v) for v in args.size.lower().split("x")) if args.size else (0, 0)
+    request = gateway_pb2.GenerateRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt or "", model=args.model or "",
+        width=width, height=height, num_frames=frames, num_inference_steps=args.steps or 0, n=args.n,
+        format=decoder_pb2.MEDIA_FORMAT_PNG if suffix == ".png" else decoder_pb2.MEDIA_FORMAT_MP4, fps=args.fps,
+    )
+    if args.seed is not None:
+        request.seed = args.seed
+    if args.guidance_scale is not None:
+        request.guidance_scale = args.guidance_scale
+    client = GatewayClient(args.gateway)
+    bar = tqdm(total=100, unit="%", desc="generating", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}% {postfix}")
+
+    def on_progress(event) -> None:
+        p = event.progress
+        bar.n = 100 * p.fraction
+        bar.set_postfix_str(f"{p.stage} {p.step}/{p.total_steps}")
+
+    try:
+        result = client.generate(request, on_progress=on_progress, timeout=args.timeout)
+    except grpc.RpcError as error:
+        bar.close()
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    bar.n = 100
+    bar.close()
+    for index, (_, data) in enumerate(result.media):
+        path = output if len(result.media) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+        path.write_bytes(data)
+        print(f"wrote {path} (job {result.job_id}, seed {result.seed}, {result.elapsed_seconds:.1f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffmesh", description="A serving mesh for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one stage", add_help=False)
+    serve.add_argument("stage", choices=sorted(STAGE_MODULES))
+    serve.add_argument("stage_args", nargs=argparse.REMAINDER, help="the stage's own flags (serve STAGE --help)")
+    serve.set_defaults(func=cmd_serve)
+
+    up = sub.add_parser("up", help="start encoder, denoiser, decoder and gateway locally")
+    up.add_argument("--model", default=None, help="diffusers model directory (default: the tiny Wan2.1 model)")
+    up.add_argument("--device", default=None, help="auto, xpu, cuda or cpu")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--default-size", default=None, metavar="WxH", help="size when a request gives none")
+    up.add_argument("--default-steps", type=int, default=None, help="steps when a request gives none")
+    up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for every service")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="generate an image (.png) or a video (.mp4) through a running gateway")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--model", default=None)
+    gen.add_argument("--size", default=None, metavar="WxH")
+    gen.add_argument("--frames", type=int, default=None, help="4k+1 (default: 1 for .png, 17 for .mp4)")
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance-scale", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--gateway", default=os.environ.get("DIFFMESH_GATEWAY", "127.0.0.1:50051"))
+    gen.add_argument("--timeout", type=float, default=3600.0)
+    gen.add_argument("-o", "--output", required=True, help="FILE.png or FILE.mp4")
+    gen.set_defaults(func=cmd_generate)
+
+    tiny = sub.add_parser("tiny-model", help="write the tiny random-weight Wan2.1 model directory (offline)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

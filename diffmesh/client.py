@@ -1,0 +1,67 @@
+"""A small gRPC client for the gateway: run a generation, follow its progress, collect its outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from diffmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    job_id: str
+    seed: int
+    media: list[tuple[str, bytes]]                     # (mime type, file bytes), one per output
+    tensors: dict[str, torch.Tensor]                   # "latents" / "frames" when asked for
+    elapsed_seconds: float
+
+
+ProgressCallback = Callable[[gateway_pb2.GenerateEvent], None]
+
+
+class GatewayClient:
+    def __init__(self, address: str = "127.0.0.1:50051") -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 16 << 20)]
+        )
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def generate(
+        self,
+        request: gateway_pb2.GenerateRequest,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> GenerationResult:
+        """Run one generation; raises grpc.RpcError with the gateway's status on failure."""
+        # Imported here so a client that only needs stubs does not pull in the services package.
+        from services.common.tensors import TensorAssembler
+
+        assembler = TensorAssembler()
+        media: dict[int, tuple[str, list[bytes]]] = {}
+        job_id, seed, elapsed = "", 0, 0.0
+        for event in self.stub.Generate(request, timeout=timeout):
+            kind = event.WhichOneof("item")
+            if kind == "accepted":
+                job_id, seed = event.accepted.job_id, event.accepted.seed
+            elif kind == "progress" and on_progress is not None:
+                on_progress(event)
+            elif kind == "media":
+                mime, pieces = media.setdefault(event.media.index, (event.media.mime_type, []))
+                pieces.append(event.media.data)
+            elif kind == "tensor":
+                assembler.add(event.tensor)
+            elif kind == "completed":
+                elapsed = event.completed.elapsed_seconds
+        outputs = [(mime, b"".join(pieces)) for _, (mime, pieces) in sorted(media.items())]
+        return GenerationResult(job_id, seed, outputs, assembler.finish(), elapsed)
+
+    def list_models(self) -> list[str]:
+        return [m.id for m in self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models]
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,99 @@
+"""Errors engines raise, and the one mapping from them to gRPC status codes and HTTP statuses.
+
+Engines raise these plain exceptions with exact messages; servers translate them at the boundary with
+`grpc_code` / `http_status`. Anything else becomes INTERNAL carrying the request id and no traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MeshError(Exception):
+    """Base class: an error the client should see, with a message fit to show it."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MeshError):
+    """A request field is malformed. The message starts with the field's name."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+class NotFound(MeshError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class ResourceExhausted(MeshError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+
+class Unavailable(MeshError):
+    """A stage cannot be reached or is not serving. The message names the stage."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(f"{stage} stage unavailable: {reason}")
+        self.stage = stage
+
+
+class DeadlineExceeded(MeshError):
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+
+
+class Cancelled(MeshError):
+    grpc_code = grpc.StatusCode.CANCELLED
+    http_status = 499  # nginx's "client closed request": the nearest HTTP has
+
+
+class Internal(MeshError):
+    grpc_code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+
+# gRPC codes a downstream stage may return, and the error the gateway re-raises for each. Codes that
+# mean "that stage is broken or gone" become Unavailable naming the stage.
+_FROM_GRPC: dict[grpc.StatusCode, type[MeshError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.INTERNAL: Internal,
+}
+
+HTTP_STATUS_BY_GRPC: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+}
+
+
+def from_rpc_error(stage: str, error: grpc.RpcError) -> MeshError:
+    """Translate a failed call to `stage` into the error the gateway reports to its client."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else None) or code.name.lower()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, reason = details.partition(": ")
+        return InvalidArgument(field, reason) if reason else InvalidArgument(stage, details)
+    if code in _FROM_GRPC:
+        return _FROM_GRPC[code](f"{stage}: {details}")
+    return Unavailable(stage, details)

@@ -1,0 +1,131 @@
+"""The platform layer: everything that differs between Intel XPU, NVIDIA CUDA and CPU lives here.
+
+Stage code asks for `current_platform()` and uses its device, distributed backend, synchronize and memory
+calls; it never tests for a device kind itself. Selection: `--device` flag, else `DIFFMESH_DEVICE`, else the
+first available of xpu, cuda, cpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEVICE_ENV = "DIFFMESH_DEVICE"
+KINDS = ("xpu", "cuda", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    kind: str                 # "xpu" | "cuda" | "cpu"
+    dist_backend: str         # torch.distributed backend for tensor traffic
+    # Environment variables that pin a process to its devices on this platform.
+    visible_devices_env: str | None
+
+    def device(self, index: int | None = None) -> torch.device:
+        if self.kind == "cpu" or index is None:
+            return torch.device(self.kind)
+        return torch.device(self.kind, index)
+
+    def device_count(self) -> int:
+        if self.kind == "cpu":
+            return 1
+        return _accelerator_module(self.kind).device_count()
+
+    def set_device(self, index: int) -> None:
+        if self.kind != "cpu":
+            _accelerator_module(self.kind).set_device(index)
+
+    def synchronize(self) -> None:
+        if self.kind != "cpu":
+            _accelerator_module(self.kind).synchronize()
+
+    def memory_allocated(self) -> int:
+        """Bytes held by tensors on the current device (0 on CPU, where torch keeps no such count)."""
+        if self.kind == "cpu":
+            return 0
+        return int(_accelerator_module(self.kind).memory_allocated())
+
+    def max_memory_allocated(self) -> int:
+        if self.kind == "cpu":
+            return 0
+        return int(_accelerator_module(self.kind).max_memory_allocated())
+
+    def empty_cache(self) -> None:
+        if self.kind != "cpu":
+            _accelerator_module(self.kind).empty_cache()
+
+    def device_name(self, index: int = 0) -> str:
+        if self.kind == "cpu":
+            return "cpu"
+        return str(_accelerator_module(self.kind).get_device_name(index))
+
+    def default_dtype(self) -> torch.dtype:
+        """float32 on CPU (exact, and bf16 matmuls are slow there); bfloat16 on accelerators."""
+        return torch.float32 if self.kind == "cpu" else torch.bfloat16
+
+
+PLATFORMS: dict[str, Platform] = {
+    "xpu": Platform("xpu", "xccl", "ZE_AFFINITY_MASK"),
+    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES"),
+    "cpu": Platform("cpu", "gloo", None),
+}
+
+
+def _accelerator_module(kind: str):
+    return getattr(torch, kind)
+
+
+def is_available(kind: str) -> bool:
+    if kind == "cpu":
+        return True
+    module = getattr(torch, kind, None)
+    return bool(module is not None and module.is_available())
+
+
+def load_optional_extensions(kind: str) -> None:
+    """Import vendor extras only if installed: PyTorch >= 2.8 has XPU + XCCL built in, so IPEX and
+    oneccl_bind_pt are optional (both are end-of-life / superseded)."""
+    if kind != "xpu":
+        return
+    for module in ("intel_extension_for_pytorch", "oneccl_bindings_for_pytorch"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+            logger.info("loaded optional extension %s", module)
+
+
+def select_platform(requested: str | None = None) -> Platform:
+    """Pick the platform: explicit request, then $DIFFMESH_DEVICE, then the first available accelerator."""
+    choice = (requested or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if choice in ("", "auto"):
+        choice = next(kind for kind in KINDS if is_available(kind))
+    if choice not in PLATFORMS:
+        raise ValueError(f"unknown device {choice!r}: expected one of auto, {', '.join(KINDS)}")
+    if not is_available(choice):
+        raise RuntimeError(f"device {choice!r} was requested but torch reports it unavailable on this machine")
+    load_optional_extensions(choice)
+    return PLATFORMS[choice]
+
+
+_current: Platform | None = None
+
+
+def current_platform() -> Platform:
+    """The process-wide platform, selected once (see `set_platform`)."""
+    global _current
+    if _current is None:
+        _current = select_platform()
+    return _current
+
+
+def set_platform(requested: str | None) -> Platform:
+    """Select the platform for this process, e.g. from a `--device` flag."""
+    global _current
+    _current = select_platform(requested)
+    return _current

@@ -1,0 +1,157 @@
+"""gRPC server start-up shared by every stage: aio server, health, reflection, error mapping, draining.
+
+A stage's `serve()` builds its servicer and calls `run_server`, which reports SERVING only once the model is
+loaded and, on SIGTERM/SIGINT, flips health to NOT_SERVING and lets in-flight requests finish (`grace`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import Internal, MeshError, ResourceExhausted
+from services.common.logs import request_context
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+# Tensors move as ~1 MiB chunks, so messages stay small; 16 MiB leaves room for one big prompt or PNG chunk.
+MAX_MESSAGE_BYTES = 16 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def request_id_from(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)
+    return uuid.uuid4().hex[:16]
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
+    if isinstance(error, MeshError):
+        logger.info("request failed: %s %s", error.grpc_code.name, error.message)
+        await context.abort(error.grpc_code, error.message)
+    logger.exception("internal error")
+    await context.abort(Internal("").grpc_code, f"internal error (request_id={request_id})")
+
+
+def rpc_method(method: Callable) -> Callable:
+    """Wrap a servicer method: bind the request id to the logs and map exceptions to status codes.
+
+    Works for unary and server-streaming handlers alike. The client sees the MeshError's message, or
+    INTERNAL with the request id; the traceback goes to the log, never to the client.
+    """
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
+            request_id = request_id_from(context)
+            with request_context(request_id):
+                try:
+                    async for item in method(self, request, context):
+                        yield item
+                except asyncio.CancelledError:
+                    logger.info("cancelled by the client")
+                    raise
+                except Exception as error:  # noqa: BLE001 - the boundary: every error becomes a status
+                    await _abort(context, error, request_id)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
+        request_id = request_id_from(context)
+        with request_context(request_id):
+            try:
+                return await method(self, request, context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                await _abort(context, error, request_id)
+
+    return unary_wrapper
+
+
+class AdmissionGate:
+    """Runs at most `concurrency` requests at once with at most `max_queue` waiting; beyond that a request
+    is refused at once with RESOURCE_EXHAUSTED rather than left to hang."""
+
+    def __init__(self, stage: str, concurrency: int = 1, max_queue: int = 16) -> None:
+        self._stage = stage
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._capacity = concurrency + max_queue
+        self._admitted = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._admitted
+
+    async def __aenter__(self) -> "AdmissionGate":
+        if self._admitted >= self._capacity:
+            raise ResourceExhausted(f"{self._stage} is at capacity ({self._admitted} requests running or queued)")
+        self._admitted += 1
+        try:
+            await self._semaphore.acquire()
+        except BaseException:
+            self._admitted -= 1
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._semaphore.release()
+        self._admitted -= 1
+
+
+async def run_server(
+    *,
+    services: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    host: str,
+    port: int,
+    grace_seconds: float = 30.0,
+    on_started: Callable[[int], None] | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Serve `services` = [(add_XServicer_to_server, servicer, full service name)] with health and reflection,
+    until SIGTERM/SIGINT or `stop_event`; then drain for up to `grace_seconds`."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [name for _, _, name in services]
+    for add_to_server, servicer, _ in services:
+        add_to_server(servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    await server.start()
+    for name in [*names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("serving %s on %s:%d", ", ".join(names), host, bound_port)
+    if on_started is not None:
+        on_started(bound_port)
+
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server_done = asyncio.ensure_future(server.wait_for_termination())
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    logger.info("shutting down: draining in-flight requests for up to %.0fs", grace_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_seconds)
+    stop_wait.cancel()
+    logger.info("stopped")

@@ -1,0 +1,51 @@
+"""Command-line plumbing every stage server shares: flags, platform, model directory, logging, run loop."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from services.common import logs
+from services.common.models import ModelDir, resolve_model_dir
+from services.common.platform import Platform, set_platform
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, default_port: int) -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser.add_argument("--host", default=env("DIFFMESH_HOST", "127.0.0.1"), help="address to bind")
+    parser.add_argument("--port", type=int, default=default_port, help="gRPC port (0 picks a free one)")
+    parser.add_argument("--model", default=None, help="diffusers model directory (default: the tiny Wan2.1 model)")
+    parser.add_argument("--model-name", default=None, help="id clients use for this model (default: directory name)")
+    parser.add_argument("--device", default=None, help="auto, xpu, cuda or cpu (default: $DIFFMESH_DEVICE or auto)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help="weights dtype (auto: float32 on cpu, bfloat16 on accelerators)")
+    parser.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the one running")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    parser.add_argument("--port-file", default=None, help="write the bound port here once serving (for tests)")
+    return parser
+
+
+def setup_stage(service: str, args: argparse.Namespace) -> tuple[Platform, ModelDir, torch.dtype | None]:
+    logs.configure(service)
+    platform = set_platform(args.device)
+    model = resolve_model_dir(args.model, args.model_name)
+    return platform, model, DTYPES[args.dtype]
+
+
+def port_writer(args: argparse.Namespace):
+    """Callback for run_server: record the bound port atomically so a waiting parent never reads half a file."""
+    if not args.port_file:
+        return None
+
+    def write(port: int) -> None:
+        tmp = f"{args.port_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(port))
+        os.replace(tmp, args.port_file)
+
+    return write
+

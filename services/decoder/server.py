@@ -1,0 +1,82 @@
+"""Decoder stage gRPC server: latents in; PNG/MP4 files (and raw frames when asked) out."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from diffmesh.v1 import decoder_pb2, decoder_pb2_grpc
+from services.common.errors import InvalidArgument
+from services.common.models import check_model
+from services.common.server import AdmissionGate, rpc_method, run_server
+from services.common.stage import add_stage_arguments, port_writer, setup_stage
+from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
+from services.decoder import media
+from services.decoder.engine import DecodeParams, DecoderEngine
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50063
+FORMAT_NAMES = {
+    decoder_pb2.MEDIA_FORMAT_AUTO: "auto",
+    decoder_pb2.MEDIA_FORMAT_PNG: "png",
+    decoder_pb2.MEDIA_FORMAT_MP4: "mp4",
+    decoder_pb2.MEDIA_FORMAT_NONE: "none",
+}
+
+
+def params_from_proto(message: decoder_pb2.DecodeParams) -> DecodeParams:
+    if message.format not in FORMAT_NAMES:
+        raise InvalidArgument("format", f"unknown media format {message.format}")
+    return DecodeParams(
+        request_id=message.request_id,
+        format=FORMAT_NAMES[message.format],
+        fps=message.fps or media.DEFAULT_FPS,
+        return_frames=message.return_frames,
+    )
+
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
+    def __init__(self, engine: DecoderEngine, max_queue: int = 16) -> None:
+        self.engine = engine
+        self.gate = AdmissionGate("decoder", concurrency=1, max_queue=max_queue)
+
+    @rpc_method
+    async def Decode(self, request_iterator, context: grpc.aio.ServicerContext):
+        message, tensors = await receive_params_and_tensors(request_iterator, ("latents",))
+        check_model(message.model, self.engine.model_name)
+        params = params_from_proto(message)
+        if "latents" not in tensors:
+            raise InvalidArgument("latents", "missing from the stream")
+        self.engine.check(params, tensors["latents"])
+        async with self.gate:
+            decoded = await asyncio.to_thread(self.engine.decode, params, tensors["latents"])
+        for index, item in enumerate(decoded.media):
+            for chunk in iter_media_chunks(index, item.mime_type, item.data):
+                yield decoder_pb2.DecodeResponse(media=chunk)
+        if decoded.frames is not None:
+            for chunk in iter_chunks("frames", torch.from_numpy(decoded.frames)):
+                yield decoder_pb2.DecodeResponse(tensor=chunk)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    platform, model, dtype = setup_stage("decoder", args)
+    engine = DecoderEngine(model, platform, dtype)
+    servicer = DecoderServicer(engine, args.max_queue)
+    await run_server(
+        services=[(decoder_pb2_grpc.add_DecoderServicer_to_server, servicer, "diffmesh.v1.Decoder")],
+        host=args.host, port=args.port, grace_seconds=args.grace, on_started=port_writer(args),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = add_stage_arguments(argparse.ArgumentParser(prog="diffmesh serve decoder"), DEFAULT_PORT)
+    asyncio.run(serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

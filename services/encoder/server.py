@@ -1,0 +1,64 @@
+"""Encoder stage gRPC server: EncodeRequest -> prompt embeddings as tensor chunks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+
+from diffmesh.v1 import encoder_pb2, encoder_pb2_grpc
+from services.common.models import check_model
+from services.common.server import AdmissionGate, rpc_method, run_server
+from services.common.stage import add_stage_arguments, port_writer, setup_stage
+from services.common.tensors import iter_chunks
+from services.encoder.engine import DEFAULT_MAX_SEQUENCE_LENGTH, EncodeParams, EncoderEngine
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50061
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    def __init__(self, engine: EncoderEngine, max_queue: int = 16) -> None:
+        self.engine = engine
+        self.gate = AdmissionGate("encoder", concurrency=1, max_queue=max_queue)
+
+    @rpc_method
+    async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
+        check_model(request.model, self.engine.model_name)
+        params = EncodeParams(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            with_negative=request.with_negative,
+            max_sequence_length=request.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+        )
+        self.engine.check(params)
+        async with self.gate:
+            embeddings = await asyncio.to_thread(self.engine.encode, params)
+        for chunk in iter_chunks("prompt_embeds", embeddings.prompt_embeds):
+            yield chunk
+        if embeddings.negative_prompt_embeds is not None:
+            for chunk in iter_chunks("negative_prompt_embeds", embeddings.negative_prompt_embeds):
+                yield chunk
+
+
+async def serve(args: argparse.Namespace) -> None:
+    platform, model, dtype = setup_stage("encoder", args)
+    engine = EncoderEngine(model, platform, dtype)
+    servicer = EncoderServicer(engine, args.max_queue)
+    await run_server(
+        services=[(encoder_pb2_grpc.add_EncoderServicer_to_server, servicer, "diffmesh.v1.Encoder")],
+        host=args.host, port=args.port, grace_seconds=args.grace, on_started=port_writer(args),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = add_stage_arguments(argparse.ArgumentParser(prog="diffmesh serve encoder"), DEFAULT_PORT)
+    asyncio.run(serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

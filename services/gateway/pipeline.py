@@ -1,0 +1,221 @@
+"""One generation through the mesh, top to bottom: validate -> encode -> denoise -> decode -> outputs.
+
+The gateway never decodes tensors: embeddings and latents pass from stage to stage as the chunks they
+arrived in (each stage validates what it receives), so the gateway stays light whatever the tensor sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+from diffmesh.v1 import decoder_pb2, denoiser_pb2, encoder_pb2, tensor_pb2
+from services.common.errors import DeadlineExceeded, InvalidArgument, Internal, NotFound
+from services.gateway.stages import StagePool
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 8192
+MAX_STEPS = 200
+MAX_SIDE = 4096
+MAX_FRAMES = 1025
+MAX_N = 10
+SIZE_MULTIPLE = 16
+FORMATS = ("auto", "png", "mp4", "none")
+FORMAT_ENUM = {
+    "auto": decoder_pb2.MEDIA_FORMAT_AUTO,
+    "png": decoder_pb2.MEDIA_FORMAT_PNG,
+    "mp4": decoder_pb2.MEDIA_FORMAT_MP4,
+    "none": decoder_pb2.MEDIA_FORMAT_NONE,
+}
+# Share of the whole request each stage's progress covers (the denoising loop dominates).
+ENCODE_SHARE, DENOISE_SHARE = 0.05, 0.85
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    width: int = 832
+    height: int = 480
+    num_frames: int = 1
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    fps: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 832
+    height: int = 480
+    num_frames: int = 1
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    seed: int = 0
+    n: int = 1
+    format: str = "auto"
+    fps: int = 16
+    return_latents: bool = False
+    return_frames: bool = False
+    timeout_s: float | None = None
+
+    def validate(self, models: list[str]) -> None:
+        """Reject what no stage could serve, naming the field, before any stage is called."""
+        if self.model not in models:
+            raise NotFound(f"model {self.model!r} not found; available: {models}")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidArgument("prompt", "must not be empty")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument("prompt", f"{len(self.prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(
+                "negative_prompt", f"{len(self.negative_prompt)} characters, over the limit of {MAX_PROMPT_CHARS}"
+            )
+        for field in ("width", "height"):
+            value = getattr(self, field)
+            if value % SIZE_MULTIPLE or not SIZE_MULTIPLE <= value <= MAX_SIDE:
+                raise InvalidArgument(field, f"{value} must be a multiple of {SIZE_MULTIPLE} in {SIZE_MULTIPLE}..{MAX_SIDE}")
+        if (self.num_frames - 1) % 4 or not 1 <= self.num_frames <= MAX_FRAMES:
+            raise InvalidArgument("num_frames", f"{self.num_frames} must be of the form 4k+1 in 1..{MAX_FRAMES}")
+        if not 1 <= self.num_inference_steps <= MAX_STEPS:
+            raise InvalidArgument("num_inference_steps", f"{self.num_inference_steps} is outside 1..{MAX_STEPS}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise InvalidArgument("guidance_scale", f"{self.guidance_scale} must be finite and >= 0")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidArgument("n", f"{self.n} is outside 1..{MAX_N}")
+        if self.format not in FORMATS:
+            raise InvalidArgument("format", f"{self.format!r} is not one of {FORMATS}")
+        if self.format == "png" and self.num_frames != 1:
+            raise InvalidArgument("format", "png holds one frame; use mp4 for num_frames > 1")
+        if not 1 <= self.fps <= 120:
+            raise InvalidArgument("fps", f"{self.fps} is outside 1..120")
+        if not -(2**63) <= self.seed < 2**63:
+            raise InvalidArgument("seed", f"{self.seed} does not fit in a signed 64-bit integer")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressEvent:
+    stage: str
+    step: int
+    total_steps: int
+    fraction: float                 # whole request, 0..1
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaEvent:
+    index: int
+    mime_type: str
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEvent:
+    """A returned tensor, still as its wire chunks (the gateway does not decode tensors)."""
+
+    name: str
+    chunks: list[tensor_pb2.TensorChunk]
+
+
+Event = ProgressEvent | MediaEvent | TensorEvent
+
+
+class MeshPipeline:
+    def __init__(self, encoder: StagePool, denoiser: StagePool, decoder: StagePool, model_names: list[str]) -> None:
+        self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
+        self.model_names = model_names
+        self.pools = {"encoder": encoder, "denoiser": denoiser, "decoder": decoder}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        request.validate(self.model_names)
+        deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
+
+        def remaining() -> float | None:
+            if deadline is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"request {request.request_id} ran past its {request.timeout_s:.0f}s deadline")
+            return left
+
+        # 1. Encode the prompt (and the negative prompt when guidance is on)
+        embeddings: list[tensor_pb2.TensorChunk] = []
+        encode_request = encoder_pb2.EncodeRequest(
+            request_id=request.request_id, model=request.model, prompt=request.prompt,
+            negative_prompt=request.negative_prompt, with_negative=request.guided,
+        )
+        async for chunk in self.encoder.stream(
+            lambda stub, kw: stub.Encode(encode_request, **kw), request.request_id, remaining()
+        ):
+            embeddings.append(chunk)
+        yield ProgressEvent("encode", 1, 1, ENCODE_SHARE)
+
+        # 2. Denoise: one progress event per step, then the latents
+        denoise_params = denoiser_pb2.DenoiseParams(
+            request_id=request.request_id, model=request.model, width=request.width, height=request.height,
+            num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale, seed=request.seed, num_outputs=request.n,
+        )
+
+        def denoise_requests():
+            yield denoiser_pb2.DenoiseRequest(params=denoise_params)
+            for chunk in embeddings:
+                yield denoiser_pb2.DenoiseRequest(tensor=chunk)
+
+        latents: list[tensor_pb2.TensorChunk] = []
+        async for event in self.denoiser.stream(
+            lambda stub, kw: stub.Denoise(denoise_requests(), **kw), request.request_id, remaining()
+        ):
+            if event.WhichOneof("item") == "progress":
+                p = event.progress
+                fraction = ENCODE_SHARE + DENOISE_SHARE * p.step / max(p.total_steps, 1)
+                yield ProgressEvent("denoise", p.step, p.total_steps, fraction)
+            else:
+                latents.append(event.tensor)
+        if not latents or not latents[-1].last:
+            raise Internal(f"denoiser ended request {request.request_id} without complete latents")
+        if request.return_latents:
+            yield TensorEvent("latents", latents)
+
+        # 3. Decode to files (and frames when asked)
+        decode_params = decoder_pb2.DecodeParams(
+            request_id=request.request_id, model=request.model, format=FORMAT_ENUM[request.format],
+            fps=request.fps, return_frames=request.return_frames,
+        )
+
+        def decode_requests():
+            yield decoder_pb2.DecodeRequest(params=decode_params)
+            for chunk in latents:
+                yield decoder_pb2.DecodeRequest(tensor=chunk)
+
+        media: dict[int, list[bytes]] = {}
+        frames: list[tensor_pb2.TensorChunk] = []
+        async for response in self.decoder.stream(
+            lambda stub, kw: stub.Decode(decode_requests(), **kw), request.request_id, remaining()
+        ):
+            if response.WhichOneof("item") == "media":
+                piece = response.media
+                media.setdefault(piece.index, []).append(piece.data)
+                if piece.last:
+                    yield MediaEvent(piece.index, piece.mime_type, b"".join(media.pop(piece.index)))
+            else:
+                frames.append(response.tensor)
+        if frames:
+            yield TensorEvent("frames", frames)
+        yield ProgressEvent("decode", 1, 1, 1.0)
+
+    async def health(self) -> dict[str, bool]:
+        """Whether each stage has a SERVING replica."""
+        return {stage: await pool.check_health() for stage, pool in self.pools.items()}
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()

@@ -1,0 +1,220 @@
+"""OpenAI-style REST shim over the gateway: images (synchronous), videos (jobs), models, health, metrics.
+
+Errors follow OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status that
+matches the gRPC code (400, 404, 429, 503, ...). No traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.errors import InvalidArgument, MeshError
+from services.common.logs import request_context
+from services.gateway.config import parse_size
+from services.gateway.jobs import Job, JobStatus
+from services.gateway.pipeline import MediaEvent
+from services.gateway.service import GatewayService
+
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+class ImageGenerationRequest(BaseModel):
+    # Unknown fields that OpenAI clients send (quality, style, user) are accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, multiples of 16")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+class VideoRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    model: str | None = None
+    size: str | None = None
+    seconds: float | str | None = Field(default=None, description="duration; frames = seconds x fps, as 4k+1")
+    num_frames: int | None = Field(default=None, description="frames, 4k+1; wins over seconds")
+    fps: int | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def mesh_error_response(error: MeshError) -> JSONResponse:
+    return error_response(error.http_status, error.message, getattr(error, "field", None))
+
+
+def frames_for(seconds: float | str | None, fps: int) -> int:
+    """Duration -> a 4k+1 frame count (what the Wan VAE takes)."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        raise InvalidArgument("seconds", f"{seconds!r} is not a number") from None
+    if not 0 < value <= 120:
+        raise InvalidArgument("seconds", f"{value} is outside (0, 120]")
+    return max(1, round(value * fps / 4)) * 4 + 1
+
+
+def video_object(job: Job) -> dict:
+    r = job.request
+    return {
+        "id": job.id,
+        "object": "video",
+        "model": r.model,
+        "status": job.status.value if job.status != JobStatus.CANCELLED else "failed",
+        "progress": int(job.progress),
+        "created_at": int(job.created_at),
+        "completed_at": int(job.completed_at) if job.completed_at else None,
+        "size": f"{r.width}x{r.height}",
+        "seconds": f"{(r.num_frames - 1) / r.fps:g}",
+        "num_frames": r.num_frames,
+        "seed": r.seed,
+        "error": {"code": job.error.grpc_code.name.lower(), "message": job.error.message} if job.error else None,
+    }
+
+
+def create_app(service: GatewayService) -> FastAPI:
+    app = FastAPI(title="diffmesh gateway", version="0.1.0")
+    registry = CollectorRegistry()
+    http_requests = Counter("diffmesh_http_requests_total", "HTTP requests", ["route", "status"], registry=registry)
+    generation_seconds = Histogram("diffmesh_generation_seconds", "Time to finish a generation", ["kind"],
+                                   registry=registry, buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+    active_jobs = Gauge("diffmesh_active_jobs", "Jobs running or queued", registry=registry)
+    active_jobs.set_function(lambda: service.jobs.active)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(MeshError)
+    async def on_mesh_error(request: Request, error: MeshError) -> JSONResponse:
+        return mesh_error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        field = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        return error_response(400, f"{field}: {first.get('msg', 'invalid request')}", field)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal error")
+
+    @app.post("/v1/images/generations")
+    async def create_images(body: ImageGenerationRequest, request: Request) -> dict:
+        width, height = parse_size(body.size, "size") if body.size else (0, 0)
+        generation = service.new_request(
+            prompt=body.prompt, model=body.model or "", n=body.n, width=width, height=height, num_frames=1,
+            negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps or 0,
+            guidance_scale=body.guidance_scale, seed=body.seed, format="png",
+            request_id=request.headers.get("x-request-id", ""),
+        )
+        with request_context(generation.request_id):
+            job = service.submit(generation, prefix="img")
+            started = time.monotonic()
+            images: list[MediaEvent] = []
+            async for event in service.events(job):
+                if isinstance(event, MediaEvent):
+                    images.append(event)
+            generation_seconds.labels("image").observe(time.monotonic() - started)
+        if body.response_format == "url":
+            data = [{"url": str(request.url_for("get_image", job_id=job.id, index=image.index))} for image in images]
+        else:
+            data = [{"b64_json": base64.b64encode(image.data).decode("ascii")} for image in images]
+        return {"created": int(job.created_at), "data": data, "seed": generation.seed}
+
+    @app.get("/v1/images/{job_id}/{index}", name="get_image")
+    async def get_image(job_id: str, index: int) -> Response:
+        job = service.jobs.get(job_id)
+        if index not in job.media:
+            return error_response(404, f"image {index} of {job_id} not found", "index")
+        item = job.media[index]
+        return Response(item.data, media_type=item.mime_type)
+
+    @app.post("/v1/videos")
+    async def create_video(body: VideoRequest, request: Request) -> dict:
+        width, height = parse_size(body.size, "size") if body.size else (0, 0)
+        fps = body.fps or service.config.defaults.fps
+        if body.num_frames is not None:
+            num_frames = body.num_frames
+        elif body.seconds is not None:
+            num_frames = frames_for(body.seconds, fps)
+        else:
+            num_frames = 81  # Wan2.1's native clip length
+        generation = service.new_request(
+            prompt=body.prompt, model=body.model or "", width=width, height=height, num_frames=num_frames,
+            negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps or 0,
+            guidance_scale=body.guidance_scale, seed=body.seed, format="mp4", fps=fps,
+            request_id=request.headers.get("x-request-id", ""),
+        )
+        with request_context(generation.request_id):
+            job = service.submit(generation, prefix="video")
+            service.start_background(job)
+            logger.info("video job %s queued", job.id)
+        return video_object(job)
+
+    @app.get("/v1/videos/{job_id}")
+    async def get_video(job_id: str) -> dict:
+        return video_object(service.jobs.get(job_id))
+
+    @app.get("/v1/videos/{job_id}/content")
+    async def get_video_content(job_id: str) -> Response:
+        job = service.jobs.get(job_id)
+        if job.status != JobStatus.COMPLETED:
+            return error_response(409, f"video {job_id} is {job.status.value}, not completed", "id")
+        return Response(job.media[0].data, media_type="video/mp4")
+
+    @app.delete("/v1/videos/{job_id}")
+    async def cancel_video(job_id: str) -> dict:
+        return video_object(service.jobs.cancel(job_id))
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "diffmesh"} for name in service.models
+        ]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stages = await service.pipeline.health()
+        if all(stages.values()):
+            return JSONResponse({"status": "ok", "stages": stages})
+        down = [stage for stage, ok in stages.items() if not ok]
+        return JSONResponse({"status": "unavailable", "stages": stages,
+                             "error": {"message": f"stage(s) not serving: {', '.join(down)}"}}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,168 @@
+"""Gateway: the gRPC Gateway service and the OpenAI-style REST shim, in one process and one event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+
+import grpc
+import uvicorn
+
+from diffmesh.v1 import (
+    decoder_pb2_grpc,
+    denoiser_pb2_grpc,
+    encoder_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    tensor_pb2,
+)
+from services.common import logs
+from services.common.errors import InvalidArgument
+from services.common.logs import request_context
+from services.common.server import request_id_from, rpc_method, run_server
+from services.common.tensors import iter_media_chunks
+from services.gateway import rest
+from services.gateway.config import GatewayConfig, add_arguments, load_config
+from services.gateway.jobs import Job, JobStatus, JobStore
+from services.gateway.pipeline import FORMAT_ENUM, MediaEvent, MeshPipeline, ProgressEvent, TensorEvent
+from services.gateway.service import GatewayService
+from services.gateway.stages import StagePool
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAMES = {value: name for name, value in FORMAT_ENUM.items()}
+JOB_STATUS = {
+    JobStatus.QUEUED: gateway_pb2.JOB_STATUS_QUEUED,
+    JobStatus.IN_PROGRESS: gateway_pb2.JOB_STATUS_IN_PROGRESS,
+    JobStatus.COMPLETED: gateway_pb2.JOB_STATUS_COMPLETED,
+    JobStatus.FAILED: gateway_pb2.JOB_STATUS_FAILED,
+    JobStatus.CANCELLED: gateway_pb2.JOB_STATUS_CANCELLED,
+}
+
+
+def job_to_proto(job: Job) -> gateway_pb2.Job:
+    r = job.request
+    return gateway_pb2.Job(
+        id=job.id, model=r.model, status=JOB_STATUS[job.status], progress=job.progress,
+        error=job.error.message if job.error else "", created_at=int(job.created_at),
+        completed_at=int(job.completed_at or 0), width=r.width, height=r.height, num_frames=r.num_frames,
+    )
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, service: GatewayService) -> None:
+        self.service = service
+
+    @rpc_method
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        if request.format not in FORMAT_NAMES:
+            raise InvalidArgument("format", f"unknown media format {request.format}")
+        generation = self.service.new_request(
+            prompt=request.prompt, model=request.model, negative_prompt=request.negative_prompt,
+            width=request.width, height=request.height, num_frames=request.num_frames,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+            seed=request.seed if request.HasField("seed") else None, n=request.n,
+            format=FORMAT_NAMES[request.format], fps=request.fps, return_latents=request.return_latents,
+            return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
+        )
+        with request_context(generation.request_id):
+            job = self.service.submit(generation)
+            started = time.monotonic()
+            logger.info("job %s accepted: %dx%d, %d frames, %d steps", job.id, generation.width,
+                        generation.height, generation.num_frames, generation.num_inference_steps)
+            yield gateway_pb2.GenerateEvent(accepted=gateway_pb2.JobAccepted(job_id=job.id, seed=generation.seed))
+            async for event in self.service.events(job):
+                for message in event_to_proto(event):
+                    yield message
+            elapsed = time.monotonic() - started
+            logger.info("job %s completed in %.2fs", job.id, elapsed)
+            yield gateway_pb2.GenerateEvent(
+                completed=gateway_pb2.JobCompleted(job_id=job.id, elapsed_seconds=elapsed)
+            )
+
+    @rpc_method
+    async def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext):
+        return job_to_proto(self.service.jobs.get(request.job_id))
+
+    @rpc_method
+    async def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.aio.ServicerContext):
+        return job_to_proto(self.service.jobs.cancel(request.job_id))
+
+    @rpc_method
+    async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
+        return gateway_pb2.ListModelsResponse(
+            models=[gateway_pb2.ModelInfo(id=name, task="text-to-video") for name in self.service.models]
+        )
+
+
+def event_to_proto(event) -> list[gateway_pb2.GenerateEvent]:
+    if isinstance(event, ProgressEvent):
+        progress = tensor_pb2.Progress(stage=event.stage, step=event.step, total_steps=event.total_steps,
+                                       fraction=event.fraction)
+        return [gateway_pb2.GenerateEvent(progress=progress)]
+    if isinstance(event, MediaEvent):
+        chunks = iter_media_chunks(event.index, event.mime_type, event.data)
+        return [gateway_pb2.GenerateEvent(media=chunk) for chunk in chunks]
+    if isinstance(event, TensorEvent):
+        return [gateway_pb2.GenerateEvent(tensor=chunk) for chunk in event.chunks]
+    raise TypeError(f"unknown event {event!r}")
+
+
+def build_service(config: GatewayConfig) -> GatewayService:
+    pipeline = MeshPipeline(
+        StagePool("encoder", list(config.encoder), encoder_pb2_grpc.EncoderStub),
+        StagePool("denoiser", list(config.denoiser), denoiser_pb2_grpc.DenoiserStub),
+        StagePool("decoder", list(config.decoder), decoder_pb2_grpc.DecoderStub),
+        [config.model_name],
+    )
+    return GatewayService(config, pipeline, JobStore(max_active=config.max_active_jobs))
+
+
+async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
+    service = build_service(config)
+    http = uvicorn.Server(uvicorn.Config(
+        rest.create_app(service), host=config.host, port=config.http_port, log_config=None,
+        timeout_graceful_shutdown=int(config.grace_seconds),
+    ))
+    # uvicorn would install its own SIGINT/SIGTERM handlers; run_server owns shutdown for both servers.
+    http.install_signal_handlers = lambda: None
+    http_task = asyncio.create_task(http.serve())
+    while not http.started:
+        if http_task.done():
+            http_task.result()  # surfaces a bind failure
+            raise RuntimeError("HTTP server stopped during start-up")
+        await asyncio.sleep(0.05)
+    http_port = http.servers[0].sockets[0].getsockname()[1]
+    logger.info("REST on http://%s:%d, stages: encoder=%s denoiser=%s decoder=%s", config.host, http_port,
+                ",".join(config.encoder), ",".join(config.denoiser), ",".join(config.decoder))
+
+    def started(grpc_port: int) -> None:
+        if port_file:
+            with open(f"{port_file}.tmp", "w") as f:
+                f.write(f"{grpc_port} {http_port}")
+            os.replace(f"{port_file}.tmp", port_file)
+
+    try:
+        await run_server(
+            services=[(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(service), "diffmesh.v1.Gateway")],
+            host=config.host, port=config.grpc_port, grace_seconds=config.grace_seconds, on_started=started,
+        )
+    finally:
+        http.should_exit = True
+        await http_task
+        await service.pipeline.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = add_arguments(argparse.ArgumentParser(prog="diffmesh serve gateway"))
+    args = parser.parse_args(argv)
+    logs.configure("gateway")
+    asyncio.run(serve(load_config(args), args.port_file))
+
+
+if __name__ == "__main__":
+    main()

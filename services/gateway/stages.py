@@ -1,0 +1,120 @@
+"""Stage pools: the gateway's view of each stage as a set of replicas.
+
+Each call goes to the healthy replica with the fewest outstanding calls. A call that fails with UNAVAILABLE
+before it produced anything is retried on another replica; stages are idempotent for a request + seed, so
+that is safe. Errors leave here as MeshErrors naming the stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.errors import Unavailable, from_rpc_error
+from services.common.server import CHANNEL_OPTIONS, REQUEST_ID_KEY
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 2.0
+# Replicas found unhealthy are skipped for this long before being tried again.
+UNHEALTHY_COOLDOWN_S = 5.0
+
+
+@dataclasses.dataclass
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: object
+    outstanding: int = 0
+    unhealthy_until: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() >= self.unhealthy_until
+
+    def mark_unhealthy(self) -> None:
+        self.unhealthy_until = time.monotonic() + UNHEALTHY_COOLDOWN_S
+
+
+class StagePool:
+    def __init__(self, stage: str, addresses: list[str], stub_class: Callable[[grpc.aio.Channel], object]) -> None:
+        if not addresses:
+            raise ValueError(f"no address given for the {stage} stage")
+        self.stage = stage
+        self.replicas = [
+            Replica(address, channel, stub_class(channel))
+            for address in addresses
+            for channel in [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)]
+        ]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [replica.address for replica in self.replicas]
+
+    def _pick(self, tried: set[str]) -> Replica | None:
+        candidates = [r for r in self.replicas if r.address not in tried]
+        if not candidates:
+            return None
+        healthy = [r for r in candidates if r.healthy] or candidates
+        return min(healthy, key=lambda r: r.outstanding)
+
+    async def stream(
+        self,
+        call: Callable[[object, dict], AsyncIterator],
+        request_id: str,
+        timeout: float | None,
+    ) -> AsyncIterator:
+        """Yield the responses of `call(stub, kwargs)` from one replica, failing over while nothing has arrived.
+
+        `call` must build a fresh request each time (a client stream cannot be replayed)."""
+        tried: set[str] = set()
+        last_error: grpc.RpcError | None = None
+        while (replica := self._pick(tried)) is not None:
+            tried.add(replica.address)
+            replica.outstanding += 1
+            produced = False
+            try:
+                kwargs = {"metadata": ((REQUEST_ID_KEY, request_id),), "timeout": timeout}
+                async for response in call(replica.stub, kwargs):
+                    produced = True
+                    yield response
+                return
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and not produced:
+                    replica.mark_unhealthy()
+                    logger.warning("%s replica %s unavailable: %s", self.stage, replica.address, error.details())
+                    last_error = error
+                    continue
+                raise from_rpc_error(self.stage, error) from None
+            finally:
+                replica.outstanding -= 1
+        details = last_error.details() if last_error is not None else "no replica"
+        raise Unavailable(self.stage, f"no replica of {self.addresses} answered ({details})")
+
+    async def check_health(self) -> bool:
+        """True when at least one replica reports SERVING."""
+        results = await asyncio.gather(*(self._check(replica) for replica in self.replicas))
+        return any(results)
+
+    async def _check(self, replica: Replica) -> bool:
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_S)
+        except grpc.RpcError:
+            replica.mark_unhealthy()
+            return False
+        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        if serving:
+            replica.unhealthy_until = 0.0
+        else:
+            replica.mark_unhealthy()
+        return serving
+
+    async def close(self) -> None:
+        await asyncio.gather(*(replica.channel.close() for replica in self.replicas))
