@@ -37,8 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
 import google.protobuf  # noqa: E402
+import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from diffmesh.v1 import tensor_pb2  # noqa: E402
@@ -290,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         if not line.startswith("PORTS "):
             raise SystemExit(f"benchmark server failed to start (exit {server.poll()})")
         stream_port, unary_port = (int(p) for p in line.split()[1:3])
+        load_before = os.getloadavg()[0]
         started = time.perf_counter()
         results = asyncio.run(run_client(sizes, args.repeats, stream_port, unary_port))
         wall = time.perf_counter() - started
+        load_after = os.getloadavg()[0]
     finally:
         server.stdin.close()
         try:
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             server.kill()
             server.wait()
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     report = {
         "benchmark": "transport",
         "date": now.isoformat(timespec="seconds"),
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
+            # Other work on the host skews the numbers: compare runs only at similar load.
+            "load_avg_1m": {"before": round(load_before, 2), "after": round(load_after, 2)},
         },
         "versions": {
             "python": platform.python_version(),
@@ -336,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     print(f"\n{report['host']['cpu_model']}, {os.cpu_count()} CPUs; python {report['versions']['python']}, "
           f"torch {torch.__version__}, grpcio {grpc.__version__}, protobuf {google.protobuf.__version__}")
+    if max(load_before, load_after) > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: host was busy (1-min load {load_before:.1f} -> {load_after:.1f}); numbers are skewed")
     print(f"wrote {path} ({wall:.1f}s)")
     return 0
 

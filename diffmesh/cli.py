@@ -64,16 +64,22 @@ class Mesh:
                 raise RuntimeError(f"{name} exited with code {child.returncode}")
 
     def stop(self, grace: float = 30.0) -> None:
-        # Gateway first, so no new work reaches the stages while they drain.
-        for name in ("gateway", "encoder", "denoiser", "decoder"):
-            child = self.children.get(name)
-            if child is not None and child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+        # Gateway first, so no new work reaches the stages while they drain; then the stages together.
+        self._terminate([self.children[name] for name in ("gateway",) if name in self.children], grace)
+        self._terminate([child for name, child in self.children.items() if name != "gateway"], grace)
+
+    @staticmethod
+    def _terminate(children: list[subprocess.Popen], grace: float) -> None:
+        running = [child for child in children if child.poll() is None]
+        for child in running:
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in running:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -114,8 +120,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             mesh.spawn("gateway", gateway_argv)
             grpc_port, http_port = mesh.wait_for_file("gateway", ports / "gateway", args.start_timeout).split()
             wait_healthy(f"http://{args.host}:{http_port}/health", mesh, args.start_timeout)
+            stages = " ".join(f"{stage}={address}" for stage, address in addresses.items())
             print(f"{READY_PREFIX} gateway grpc={args.host}:{grpc_port} http=http://{args.host}:{http_port} "
-                  f"model={model.name}", flush=True)
+                  f"model={model.name} {stages}", flush=True)
             while not stop_requested:
                 mesh.check_alive()
                 time.sleep(0.2)

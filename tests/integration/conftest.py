@@ -1,0 +1,101 @@
+"""Fixtures that run the real mesh: `diffmesh up` starting four services as separate processes on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from diffmesh.v1 import gateway_pb2_grpc
+from services.common.tiny_model import write_tiny_model
+
+START_TIMEOUT_S = 240
+READY = re.compile(
+    r"diffmesh is up: gateway grpc=(?P<grpc>\S+) http=(?P<http>\S+) model=(?P<model>\S+) "
+    r"encoder=(?P<encoder>\S+) denoiser=(?P<denoiser>\S+) decoder=(?P<decoder>\S+)"
+)
+
+
+@dataclasses.dataclass
+class RunningMesh:
+    grpc_address: str
+    http_url: str
+    model: str
+    model_dir: pathlib.Path
+    stages: dict[str, str]
+    process: subprocess.Popen
+    log: list[str]
+
+    def gateway_stub(self) -> gateway_pb2_grpc.GatewayStub:
+        channel = grpc.insecure_channel(self.grpc_address, options=[("grpc.max_receive_message_length", 16 << 20)])
+        return gateway_pb2_grpc.GatewayStub(channel)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mesh(model_dir: pathlib.Path, extra: list[str] | None = None) -> RunningMesh:
+    argv = [sys.executable, "-m", "diffmesh.cli", "up", "--model", str(model_dir), "--grpc-port", "0",
+            "--http-port", "0", "--default-size", "32x32", "--default-steps", "3", *(extra or [])]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log: list[str] = []
+    ready = threading.Event()
+    match: dict[str, str] = {}
+
+    def pump() -> None:
+        for line in process.stdout:
+            log.append(line)
+            found = READY.search(line)
+            if found:
+                match.update(found.groupdict())
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready.wait(0.2):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("diffmesh up failed to start:\n" + "".join(log[-50:]))
+    return RunningMesh(
+        grpc_address=match["grpc"], http_url=match["http"], model=match["model"], model_dir=model_dir,
+        stages={stage: match[stage] for stage in ("encoder", "denoiser", "decoder")}, process=process, log=log,
+    )
+
+
+def stop_mesh(mesh: RunningMesh) -> int:
+    mesh.process.send_signal(signal.SIGINT)
+    try:
+        return mesh.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        mesh.process.kill()
+        raise
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> pathlib.Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "wan2.1-tiny")
+
+
+@pytest.fixture(scope="session")
+def mesh(model_dir) -> RunningMesh:
+    running = start_mesh(model_dir)
+    yield running
+    code = stop_mesh(running)
+    log_file = os.environ.get("DIFFMESH_TEST_MESH_LOG")
+    if log_file:  # the services' own logs, for debugging a failed run
+        pathlib.Path(log_file).write_text("".join(running.log))
+    assert code == 0, "diffmesh up did not stop cleanly:\n" + "".join(running.log[-30:])

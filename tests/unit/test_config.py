@@ -1,0 +1,166 @@
+"""Tests for services.gateway.config: flag > environment > TOML file > default, and size parsing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.gateway.config import (
+    DEFAULT_STAGE_ADDRESSES,
+    GatewayConfig,
+    add_arguments,
+    load_config,
+    parse_size,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("DIFFMESH_"):
+            monkeypatch.delenv(name)
+
+
+def _load(*argv: str) -> GatewayConfig:
+    return load_config(add_arguments(argparse.ArgumentParser()).parse_args(list(argv)))
+
+
+@pytest.fixture
+def toml_file(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        "\n".join(
+            [
+                'host = "10.0.0.1"',
+                "grpc_port = 6001",
+                "http_port = 6002",
+                'encoder = ["file-enc-a:1", "file-enc-b:2"]',
+                'denoiser = "file-den-a:3, file-den-b:4"',
+                'decoder = "file-dec:5"',
+                'model_name = "file-model"',
+                'default_size = "640x320"',
+                "default_steps = 7",
+                "max_active_jobs = 3",
+            ]
+        )
+    )
+    return str(path)
+
+
+def test_defaults_without_flags_env_or_file():
+    config = _load()
+    assert config.host == "127.0.0.1"
+    assert config.grpc_port == 50051
+    assert config.http_port == 8000
+    for stage, address in DEFAULT_STAGE_ADDRESSES.items():
+        assert getattr(config, stage) == (address,)
+    assert (config.defaults.width, config.defaults.height) == (832, 480)
+    assert config.defaults.num_inference_steps == 50
+
+
+def test_file_overrides_defaults(toml_file):
+    config = _load("--config", toml_file)
+    assert config.host == "10.0.0.1"
+    assert config.grpc_port == 6001
+    assert config.http_port == 6002
+    assert config.encoder == ("file-enc-a:1", "file-enc-b:2")  # TOML list
+    assert config.denoiser == ("file-den-a:3", "file-den-b:4")  # comma-separated string
+    assert config.decoder == ("file-dec:5",)
+    assert config.model_name == "file-model"
+    assert (config.defaults.width, config.defaults.height) == (640, 320)
+    assert config.defaults.num_inference_steps == 7
+    assert config.max_active_jobs == 3
+
+
+def test_config_file_can_come_from_env(monkeypatch, toml_file):
+    monkeypatch.setenv("DIFFMESH_GATEWAY_CONFIG", toml_file)
+    assert _load().grpc_port == 6001
+
+
+def test_env_overrides_file(monkeypatch, toml_file):
+    monkeypatch.setenv("DIFFMESH_ENCODER_ADDR", "env-enc-a:11,env-enc-b:12")
+    monkeypatch.setenv("DIFFMESH_DENOISER_ADDR", " env-den:13 ")
+    monkeypatch.setenv("DIFFMESH_HOST", "0.0.0.0")
+    monkeypatch.setenv("DIFFMESH_MODEL_NAME", "env-model")
+    config = _load("--config", toml_file)
+    assert config.encoder == ("env-enc-a:11", "env-enc-b:12")
+    assert config.denoiser == ("env-den:13",)
+    assert config.decoder == ("file-dec:5",)  # no env for it: the file still applies
+    assert config.host == "0.0.0.0"
+    assert config.model_name == "env-model"
+
+
+def test_env_overrides_default_without_file(monkeypatch):
+    monkeypatch.setenv("DIFFMESH_DECODER_ADDR", "env-dec:21")
+    config = _load()
+    assert config.decoder == ("env-dec:21",)
+    assert config.encoder == (DEFAULT_STAGE_ADDRESSES["encoder"],)
+
+
+def test_empty_env_value_is_ignored(monkeypatch, toml_file):
+    monkeypatch.setenv("DIFFMESH_ENCODER_ADDR", "")
+    assert _load("--config", toml_file).encoder == ("file-enc-a:1", "file-enc-b:2")
+
+
+def test_flag_overrides_env_and_file(monkeypatch, toml_file):
+    monkeypatch.setenv("DIFFMESH_ENCODER_ADDR", "env-enc:11")
+    monkeypatch.setenv("DIFFMESH_DENOISER_ADDR", "env-den:13")
+    monkeypatch.setenv("DIFFMESH_HOST", "0.0.0.0")
+    config = _load(
+        "--config", toml_file,
+        "--encoder", "flag-enc-a:31, flag-enc-b:32,",
+        "--denoiser", "flag-den:33",
+        "--host", "192.168.1.1",
+        "--grpc-port", "7001",
+        "--http-port", "7002",
+        "--default-size", "256x128",
+        "--default-steps", "3",
+    )
+    assert config.encoder == ("flag-enc-a:31", "flag-enc-b:32")  # spaces and a trailing comma dropped
+    assert config.denoiser == ("flag-den:33",)
+    assert config.decoder == ("file-dec:5",)
+    assert config.host == "192.168.1.1"
+    assert config.grpc_port == 7001
+    assert config.http_port == 7002
+    assert (config.defaults.width, config.defaults.height) == (256, 128)
+    assert config.defaults.num_inference_steps == 3
+
+
+def test_port_zero_flag_is_kept_not_treated_as_unset(toml_file):
+    config = _load("--config", toml_file, "--grpc-port", "0", "--http-port", "0")
+    assert (config.grpc_port, config.http_port) == (0, 0)
+
+
+def test_ports_are_ints_and_stage_lists_are_tuples(toml_file):
+    config = _load("--config", toml_file)
+    assert isinstance(config.grpc_port, int) and isinstance(config.http_port, int)
+    for stage in ("encoder", "denoiser", "decoder"):
+        assert isinstance(getattr(config, stage), tuple)
+
+
+def test_bad_default_size_flag_names_the_field():
+    with pytest.raises(InvalidArgument) as info:
+        _load("--default-size", "big")
+    assert info.value.field == "default_size"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("832x480", (832, 480)), ("832X480", (832, 480)), (" 64 x 32 ", (64, 32)), ("16x4096", (16, 4096))],
+)
+def test_parse_size_reads_width_and_height(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "832", "832x", "x480", "axb", "832*480", "-832x480", "832x-480", "8.5x4", "1x2x3"])
+def test_parse_size_rejects_malformed_text_naming_the_field(text):
+    with pytest.raises(InvalidArgument) as info:
+        parse_size(text, "size")
+    assert info.value.field == "size"
+    assert repr(text) in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        parse_size(text, "default_size")
+    assert info.value.field == "default_size"

@@ -1,0 +1,93 @@
+"""Tests for GenerationRequest.validate: what the gateway refuses before calling any stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from services.common.errors import InvalidArgument, NotFound
+from services.gateway.pipeline import MAX_PROMPT_CHARS, GenerationRequest
+
+MODELS = ["wan-tiny"]
+VALID = GenerationRequest(request_id="req-1", model="wan-tiny", prompt="a cat on a skateboard")
+
+
+def test_valid_request_passes():
+    VALID.validate(MODELS)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"width": 16, "height": 4096},
+        {"num_frames": 5, "format": "mp4"},
+        {"num_frames": 1025},
+        {"num_inference_steps": 1},
+        {"num_inference_steps": 200},
+        {"guidance_scale": 0.0},
+        {"n": 10},
+        {"format": "png"},
+        {"format": "none", "num_frames": 9},
+        {"prompt": "x" * MAX_PROMPT_CHARS},
+    ],
+    ids=lambda c: ",".join(f"{k}={str(v)[:12]}" for k, v in c.items()),
+)
+def test_boundary_values_pass(changes):
+    dataclasses.replace(VALID, **changes).validate(MODELS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("width", 100),
+        ("width", 0),
+        ("width", 4112),  # a multiple of 16, over 4096
+        ("height", 100),
+        ("height", 0),
+        ("height", 4112),
+        ("num_frames", 2),
+        ("num_frames", 0),
+        ("num_frames", 4),
+        ("num_frames", 1029),
+        ("num_inference_steps", 0),
+        ("num_inference_steps", 201),
+        ("guidance_scale", -1.0),
+        ("guidance_scale", math.nan),
+        ("guidance_scale", math.inf),
+        ("prompt", ""),
+        ("prompt", "   \t\n "),
+        ("prompt", "x" * (MAX_PROMPT_CHARS + 1)),
+        ("negative_prompt", "x" * (MAX_PROMPT_CHARS + 1)),
+        ("n", 0),
+        ("n", 11),
+        ("format", "gif"),
+        ("fps", 0),
+        ("seed", 2**63),
+    ],
+    ids=lambda v: repr(v)[:16] if not isinstance(v, str) or len(v) < 16 else f"len{len(v)}",
+)
+def test_invalid_field_is_rejected_naming_it(field, value):
+    request = dataclasses.replace(VALID, **{field: value})
+    with pytest.raises(InvalidArgument) as info:
+        request.validate(MODELS)
+    assert info.value.field == field
+    assert info.value.message.startswith(f"{field}: ")
+
+
+def test_png_with_several_frames_is_rejected_naming_format():
+    request = dataclasses.replace(VALID, format="png", num_frames=5)
+    with pytest.raises(InvalidArgument) as info:
+        request.validate(MODELS)
+    assert info.value.field == "format"
+    assert "mp4" in info.value.message
+
+
+def test_unknown_model_is_not_found():
+    request = dataclasses.replace(VALID, model="sdxl")
+    with pytest.raises(NotFound) as info:
+        request.validate(MODELS)
+    assert "'sdxl'" in info.value.message
+    assert "wan-tiny" in info.value.message
+    assert info.value.http_status == 404
