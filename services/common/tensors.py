@@ -187,8 +187,10 @@ async def receive_params_and_tensors(
             params = message.params
         elif kind == "tensor":
             assembler.add(message.tensor)
-        else:
+        elif kind == "params":
             raise InvalidArgument("params", "params sent twice in one stream")
+        else:
+            raise InvalidArgument("tensor", "a message after params carried neither params nor a tensor chunk")
     if params is None:
         raise InvalidArgument("params", "the stream carried no params")
     return params, assembler.finish()

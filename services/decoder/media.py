@@ -1,7 +1,9 @@
 """Encoding decoded frames as files: PNG for one frame, H.264 MP4 for video.
 
-PNG through Pillow; MP4 through imageio-ffmpeg, which ships its own ffmpeg binary, so no system ffmpeg is
-needed. yuv420p + faststart make the file play in browsers and stream from the start.
+PNG through Pillow; MP4 through PyAV, which links FFmpeg's libraries in-process. An ffmpeg subprocess fed by a
+pipe (imageio-ffmpeg) was tried first and failed intermittently with a broken pipe when forked from the
+threaded gRPC server; in-process encoding has no child to lose. yuv420p + faststart make the file play in
+browsers and stream from the start.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import io
 import os
 import tempfile
 
-import imageio_ffmpeg
+import av
 import numpy as np
 from PIL import Image
 
@@ -31,26 +33,18 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 def encode_mp4(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
     """uint8 frames [F, H, W, 3] -> H.264 MP4 bytes. H and W must be even (ours are multiples of 16)."""
-    num_frames, height, width, _ = frames.shape
-    # ffmpeg's mp4 muxer needs a seekable output, so write a temporary file rather than a pipe.
+    _, height, width, _ = frames.shape
+    # faststart rewrites the file after encoding, which needs a seekable path rather than a memory buffer.
     fd, path = tempfile.mkstemp(suffix=".mp4")
     os.close(fd)
     try:
-        writer = imageio_ffmpeg.write_frames(
-            path,
-            (width, height),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_out="yuv420p",
-            macro_block_size=1,
-            quality=8,
-            output_params=["-movflags", "+faststart"],
-            ffmpeg_log_level="error",
-        )
-        writer.send(None)  # prime the generator
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        with av.open(path, mode="w", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": "12"}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(stream.encode())  # flush the encoder's delayed frames
         with open(path, "rb") as f:
             return f.read()
     finally:

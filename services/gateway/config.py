@@ -56,7 +56,7 @@ def _addresses(value: str | list | tuple) -> tuple[str, ...]:
 
 def parse_size(text: str, field: str = "size") -> tuple[int, int]:
     width, sep, height = str(text).lower().partition("x")
-    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+    if not sep or not width.strip().isdecimal() or not height.strip().isdecimal():
         raise InvalidArgument(field, f"{text!r} is not of the form WIDTHxHEIGHT, e.g. 832x480")
     return int(width), int(height)
 
