@@ -46,6 +46,7 @@ class Job:
     media: dict[int, MediaEvent] = dataclasses.field(default_factory=dict)
     task: asyncio.Task | None = None
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    cancel_requested: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def observe(self, event: Event) -> None:
         if isinstance(event, ProgressEvent):
@@ -92,20 +93,39 @@ class JobStore:
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
-        if not job.status.finished and job.task is not None:
-            job.task.cancel()
-            if job.status == JobStatus.QUEUED:  # its task may never start, so record the outcome here
+        if not job.status.finished:
+            job.cancel_requested.set()
+            if job.status == JobStatus.QUEUED:  # it may never get to run: record the outcome now
                 job.finish(JobStatus.CANCELLED, Cancelled(f"job {job.id} was cancelled"))
         return job
 
     async def track(self, job: Job, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """Pass a job's events through, recording progress, outputs and the final status on the job."""
+        """Pass a job's events through, recording progress, outputs and the final status on the job.
+
+        A cancel request interrupts the stage call in flight (its client call is cancelled, which the stage
+        sees and stops at its next step) and ends the stream with Cancelled. Cancelling the consuming task
+        is not enough: grpc.aio does not end a server stream whose handler task is cancelled from outside.
+        """
         job.task = asyncio.current_task()
+        source = events.__aiter__()
+        cancel_wait = asyncio.ensure_future(job.cancel_requested.wait())
         try:
-            async for event in events:
+            while True:
+                if job.cancel_requested.is_set():
+                    raise Cancelled(f"job {job.id} was cancelled")
+                next_event = asyncio.ensure_future(source.__anext__())
+                await asyncio.wait({next_event, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_event.done():
+                    next_event.cancel()
+                    await asyncio.wait({next_event})
+                    raise Cancelled(f"job {job.id} was cancelled")
+                try:
+                    event = next_event.result()
+                except StopAsyncIteration:
+                    break
                 job.observe(event)
                 yield event
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Cancelled):
             job.finish(JobStatus.CANCELLED, Cancelled(f"job {job.id} was cancelled"))
             raise
         except MeshError as error:
@@ -117,6 +137,8 @@ class JobStore:
             raise
         else:
             job.finish(JobStatus.COMPLETED)
+        finally:
+            cancel_wait.cancel()
 
     def start_background(self, job: Job, events: AsyncIterator[Event]) -> None:
         """Run a job to completion in the background (REST video jobs), keeping its outputs on the job."""
