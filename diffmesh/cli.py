@@ -90,6 +90,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     common = ["--model", str(model.path), "--model-name", model.name, "--host", args.host]
     if args.device:
         common += ["--device", args.device]
+    if args.dtype:
+        common += ["--dtype", args.dtype]
     mesh = Mesh()
     stop_requested = False
 
@@ -209,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start encoder, denoiser, decoder and gateway locally")
     up.add_argument("--model", default=None, help="diffusers model directory (default: the tiny Wan2.1 model)")
     up.add_argument("--device", default=None, help="auto, xpu, cuda or cpu")
+    up.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weights dtype (auto: float32 on cpu, bfloat16 on accelerators)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=8000)
