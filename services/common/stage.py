@@ -1,15 +1,19 @@
-"""Command-line plumbing every stage server shares: flags, platform, model directory, logging, run loop."""
+"""Start-up every stage server shares: flags, platform, model directory, logging, engine, gRPC server."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import os
+from collections.abc import Callable
 
 import torch
 
 from services.common import logs
 from services.common.models import ModelDir, resolve_model_dir
 from services.common.platform import Platform, set_platform
+from services.common.server import run_server
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,3 +53,31 @@ def port_writer(args: argparse.Namespace):
 
     return write
 
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """What distinguishes one stage server from another."""
+
+    name: str                                   # "encoder", also the log's service name
+    service_name: str                           # full gRPC service name, for health and reflection
+    default_port: int
+    engine_class: type                          # (ModelDir, Platform, dtype) -> engine
+    servicer_class: type                        # (engine, max_queue) -> servicer
+    add_to_server: Callable                     # the generated add_XServicer_to_server
+
+
+async def serve_stage(spec: StageSpec, args: argparse.Namespace) -> None:
+    """Load the model, then serve until SIGTERM. Health turns SERVING only once the engine is ready."""
+    platform, model, dtype = setup_stage(spec.name, args)
+    engine = spec.engine_class(model, platform, dtype)
+    servicer = spec.servicer_class(engine, args.max_queue)
+    await run_server(
+        services=[(spec.add_to_server, servicer, spec.service_name)],
+        host=args.host, port=args.port, grace_seconds=args.grace, on_started=port_writer(args),
+    )
+
+
+def stage_main(spec: StageSpec, argv: list[str] | None = None) -> None:
+    parser = add_stage_arguments(argparse.ArgumentParser(prog=f"diffmesh serve {spec.name}"), spec.default_port)
+    asyncio.run(serve_stage(spec, parser.parse_args(argv)))

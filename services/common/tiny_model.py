@@ -315,7 +315,7 @@ def _make_readable(root: pathlib.Path) -> None:
     """
     (root / "model_index.json").chmod(0o644)
     for component in _COMPONENTS:
-        for dirpath, dirnames, filenames in os.walk(root / component):
+        for dirpath, _dirnames, filenames in os.walk(root / component):
             os.chmod(dirpath, 0o755)
             for name in filenames:
                 os.chmod(os.path.join(dirpath, name), 0o644)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
@@ -12,8 +11,8 @@ import torch
 from diffmesh.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.models import check_model
-from services.common.server import AdmissionGate, rpc_method, run_server
-from services.common.stage import add_stage_arguments, port_writer, setup_stage
+from services.common.server import AdmissionGate, rpc_method
+from services.common.stage import StageSpec, stage_main
 from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
 from services.decoder import media
 from services.decoder.engine import DecodeParams, DecoderEngine
@@ -63,19 +62,18 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                 yield decoder_pb2.DecodeResponse(tensor=chunk)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    platform, model, dtype = setup_stage("decoder", args)
-    engine = DecoderEngine(model, platform, dtype)
-    servicer = DecoderServicer(engine, args.max_queue)
-    await run_server(
-        services=[(decoder_pb2_grpc.add_DecoderServicer_to_server, servicer, "diffmesh.v1.Decoder")],
-        host=args.host, port=args.port, grace_seconds=args.grace, on_started=port_writer(args),
-    )
+SPEC = StageSpec(
+    name="decoder",
+    service_name="diffmesh.v1.Decoder",
+    default_port=DEFAULT_PORT,
+    engine_class=DecoderEngine,
+    servicer_class=DecoderServicer,
+    add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_stage_arguments(argparse.ArgumentParser(prog="diffmesh serve decoder"), DEFAULT_PORT)
-    asyncio.run(serve(parser.parse_args(argv)))
+    stage_main(SPEC, argv)
 
 
 if __name__ == "__main__":

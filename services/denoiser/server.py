@@ -5,7 +5,6 @@ One device for now; the gang (rank 0 serves, all ranks compute) slots in behind 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import threading
@@ -15,8 +14,8 @@ import grpc
 from diffmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
 from services.common.errors import InvalidArgument
 from services.common.models import check_model
-from services.common.server import AdmissionGate, rpc_method, run_server
-from services.common.stage import add_stage_arguments, port_writer, setup_stage
+from services.common.server import AdmissionGate, rpc_method
+from services.common.stage import StageSpec, stage_main
 from services.common.tensors import iter_chunks, receive_params_and_tensors
 from services.denoiser.engine import DenoiseParams, DenoiserEngine
 
@@ -62,6 +61,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         def on_step(done: int, total: int) -> None:
             loop.call_soon_threadsafe(steps.put_nowait, (done, total))
 
+        # grpc.aio does not cancel this handler when the client cancels or its deadline passes; the RPC's
+        # done-callback does fire, so it is what stops the loop at its next step.
+        context.add_done_callback(lambda _: cancel.set())
+
         async with self.gate:
             work = asyncio.ensure_future(
                 asyncio.to_thread(self.engine.denoise, params, prompt, negative, on_step, cancel.is_set)
@@ -88,19 +91,18 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             yield denoiser_pb2.DenoiseEvent(tensor=chunk)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    platform, model, dtype = setup_stage("denoiser", args)
-    engine = DenoiserEngine(model, platform, dtype)
-    servicer = DenoiserServicer(engine, args.max_queue)
-    await run_server(
-        services=[(denoiser_pb2_grpc.add_DenoiserServicer_to_server, servicer, "diffmesh.v1.Denoiser")],
-        host=args.host, port=args.port, grace_seconds=args.grace, on_started=port_writer(args),
-    )
+SPEC = StageSpec(
+    name="denoiser",
+    service_name="diffmesh.v1.Denoiser",
+    default_port=DEFAULT_PORT,
+    engine_class=DenoiserEngine,
+    servicer_class=DenoiserServicer,
+    add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_stage_arguments(argparse.ArgumentParser(prog="diffmesh serve denoiser"), DEFAULT_PORT)
-    asyncio.run(serve(parser.parse_args(argv)))
+    stage_main(SPEC, argv)
 
 
 if __name__ == "__main__":

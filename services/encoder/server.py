@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
@@ -10,8 +9,8 @@ import grpc
 
 from diffmesh.v1 import encoder_pb2, encoder_pb2_grpc
 from services.common.models import check_model
-from services.common.server import AdmissionGate, rpc_method, run_server
-from services.common.stage import add_stage_arguments, port_writer, setup_stage
+from services.common.server import AdmissionGate, rpc_method
+from services.common.stage import StageSpec, stage_main
 from services.common.tensors import iter_chunks
 from services.encoder.engine import DEFAULT_MAX_SEQUENCE_LENGTH, EncodeParams, EncoderEngine
 
@@ -45,19 +44,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 yield chunk
 
 
-async def serve(args: argparse.Namespace) -> None:
-    platform, model, dtype = setup_stage("encoder", args)
-    engine = EncoderEngine(model, platform, dtype)
-    servicer = EncoderServicer(engine, args.max_queue)
-    await run_server(
-        services=[(encoder_pb2_grpc.add_EncoderServicer_to_server, servicer, "diffmesh.v1.Encoder")],
-        host=args.host, port=args.port, grace_seconds=args.grace, on_started=port_writer(args),
-    )
+SPEC = StageSpec(
+    name="encoder",
+    service_name="diffmesh.v1.Encoder",
+    default_port=DEFAULT_PORT,
+    engine_class=EncoderEngine,
+    servicer_class=EncoderServicer,
+    add_to_server=encoder_pb2_grpc.add_EncoderServicer_to_server,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_stage_arguments(argparse.ArgumentParser(prog="diffmesh serve encoder"), DEFAULT_PORT)
-    asyncio.run(serve(parser.parse_args(argv)))
+    stage_main(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -92,66 +92,77 @@ class JobStore:
         return job
 
     def cancel(self, job_id: str) -> Job:
+        """Stop a job: its worker task is cancelled, which cancels the stage call in flight."""
         job = self.get(job_id)
         if not job.status.finished:
             job.cancel_requested.set()
+            if job.task is not None:
+                job.task.cancel()
             if job.status == JobStatus.QUEUED:  # it may never get to run: record the outcome now
                 job.finish(JobStatus.CANCELLED, Cancelled(f"job {job.id} was cancelled"))
         return job
 
-    async def track(self, job: Job, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """Pass a job's events through, recording progress, outputs and the final status on the job.
+    def start(self, job: Job, events: AsyncIterator[Event], sink: asyncio.Queue | None = None) -> asyncio.Task:
+        """Run a job's events to the end in a worker task of its own, recording progress, outputs and the
+        final status on the job, and passing each event to `sink` when given.
 
-        A cancel request interrupts the stage call in flight (its client call is cancelled, which the stage
-        sees and stops at its next step) and ends the stream with Cancelled. Cancelling the consuming task
-        is not enough: grpc.aio does not end a server stream whose handler task is cancelled from outside.
+        The worker is separate from whoever relays the events so that cancelling it always works: grpc.aio
+        stops pulling from a server stream whose client went away, so a handler may never run again.
         """
-        job.task = asyncio.current_task()
-        source = events.__aiter__()
-        cancel_wait = asyncio.ensure_future(job.cancel_requested.wait())
-        try:
-            while True:
-                if job.cancel_requested.is_set():
-                    raise Cancelled(f"job {job.id} was cancelled")
-                next_event = asyncio.ensure_future(source.__anext__())
-                await asyncio.wait({next_event, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_event.done():
-                    next_event.cancel()
-                    await asyncio.wait({next_event})
-                    raise Cancelled(f"job {job.id} was cancelled")
-                try:
-                    event = next_event.result()
-                except StopAsyncIteration:
-                    break
-                job.observe(event)
-                yield event
-        except (asyncio.CancelledError, Cancelled):
-            job.finish(JobStatus.CANCELLED, Cancelled(f"job {job.id} was cancelled"))
-            raise
-        except MeshError as error:
-            job.finish(JobStatus.FAILED, error)
-            raise
-        except Exception:
-            logger.exception("job %s failed", job.id)
-            job.finish(JobStatus.FAILED, Internal(f"internal error (request_id={job.request.request_id})"))
-            raise
-        else:
-            job.finish(JobStatus.COMPLETED)
-        finally:
-            cancel_wait.cancel()
 
-    def start_background(self, job: Job, events: AsyncIterator[Event]) -> None:
-        """Run a job to completion in the background (REST video jobs), keeping its outputs on the job."""
-
-        async def run() -> None:
+        async def work() -> None:
             with request_context(job.request.request_id):
                 try:
-                    async for _ in self.track(job, events):
-                        pass
-                except (Exception, asyncio.CancelledError):  # noqa: BLE001 - track() recorded it on the job
-                    pass
+                    if job.cancel_requested.is_set():
+                        raise asyncio.CancelledError
+                    async for event in events:
+                        job.observe(event)
+                        if sink is not None:
+                            sink.put_nowait(event)
+                except asyncio.CancelledError:
+                    job.finish(JobStatus.CANCELLED, Cancelled(f"job {job.id} was cancelled"))
+                    raise
+                except MeshError as error:
+                    job.finish(JobStatus.FAILED, error)
+                    raise
+                except Exception:
+                    logger.exception("job %s failed", job.id)
+                    job.finish(JobStatus.FAILED, Internal(f"internal error (request_id={job.request.request_id})"))
+                    raise
+                else:
+                    job.finish(JobStatus.COMPLETED)
 
-        job.task = asyncio.create_task(run(), name=f"job-{job.id}")
+        job.task = asyncio.create_task(work(), name=f"job-{job.id}")
+        return job.task
+
+    async def track(self, job: Job, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """Run a job (see `start`) and yield its events as they come; raises what ended the job, if not success.
+
+        Cancelling the consumer cancels the job."""
+        sink: asyncio.Queue[Event] = asyncio.Queue()
+        worker = self.start(job, events, sink)
+        try:
+            while True:
+                next_event = asyncio.ensure_future(sink.get())
+                await asyncio.wait({next_event, worker}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield next_event.result()
+                    continue
+                next_event.cancel()
+                if worker.done() and sink.empty():
+                    break
+            if worker.cancelled():
+                raise job.error or Cancelled(f"job {job.id} was cancelled")
+            worker.result()  # re-raises the error that ended the job
+        finally:
+            if not worker.done():
+                worker.cancel()
+
+    def start_background(self, job: Job, events: AsyncIterator[Event]) -> None:
+        """Run a job with nobody reading its events (REST video jobs): outputs stay on the job."""
+        worker = self.start(job, events)
+        # Retrieve the outcome so asyncio does not warn about it; it is recorded on the job already.
+        worker.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     def _evict(self) -> None:
         finished = [job_id for job_id, job in self._jobs.items() if job.status.finished]

@@ -6,6 +6,7 @@ arrived in (each stage validates what it receives), so the gateway stays light w
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -13,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from diffmesh.v1 import decoder_pb2, denoiser_pb2, encoder_pb2, tensor_pb2
-from services.common.errors import DeadlineExceeded, InvalidArgument, Internal, NotFound
+from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
 from services.gateway.stages import StagePool
 
 logger = logging.getLogger(__name__)
@@ -213,8 +214,9 @@ class MeshPipeline:
         yield ProgressEvent("decode", 1, 1, 1.0)
 
     async def health(self) -> dict[str, bool]:
-        """Whether each stage has a SERVING replica."""
-        return {stage: await pool.check_health() for stage, pool in self.pools.items()}
+        """Whether each stage has a SERVING replica (checked concurrently, so one slow stage costs one timeout)."""
+        results = await asyncio.gather(*(pool.check_health() for pool in self.pools.values()))
+        return dict(zip(self.pools, results, strict=True))
 
     async def close(self) -> None:
         for pool in self.pools.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -69,8 +70,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             format=FORMAT_NAMES[request.format], fps=request.fps, return_latents=request.return_latents,
             return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
         )
+        client_deadline = context.time_remaining()
+        if client_deadline is not None and client_deadline < (generation.timeout_s or float("inf")):
+            # The client's own deadline, passed down so no stage works on after the client has given up.
+            generation = dataclasses.replace(generation, timeout_s=client_deadline)
         with request_context(generation.request_id):
             job = self.service.submit(generation)
+            # The client going away (cancel, deadline) does not cancel this handler in grpc.aio; the RPC's
+            # done-callback fires, and cancelling the job stops the stage call in flight.
+            context.add_done_callback(lambda _: self.service.jobs.cancel(job.id))
             started = time.monotonic()
             logger.info("job %s accepted: %dx%d, %d frames, %d steps", job.id, generation.width,
                         generation.height, generation.num_frames, generation.num_inference_steps)

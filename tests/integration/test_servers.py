@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -93,3 +94,45 @@ def test_cancel_job_stops_a_running_generation_and_the_mesh_serves_on(mesh):
     events = list(stub.Generate(gateway_pb2.GenerateRequest(prompt="next", width=32, height=32,
                                                             num_inference_steps=1), timeout=120))
     assert events[-1].WhichOneof("item") == "completed"
+
+
+def wait_for_log(mesh, *needles: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(mesh.log):
+            if all(needle in line for needle in needles):
+                return line
+        time.sleep(0.1)
+    raise AssertionError(f"no log line with {needles}")
+
+
+def long_request(request_id: str) -> gateway_pb2.GenerateRequest:
+    return gateway_pb2.GenerateRequest(prompt="long", width=256, height=256, num_frames=33,
+                                       num_inference_steps=200, seed=1, request_id=request_id)
+
+
+def test_client_cancelling_the_stream_stops_the_denoiser(mesh):
+    stub = mesh.gateway_stub()
+    call = stub.Generate(long_request("client-cancel-1"), timeout=300)
+    job_id = ""
+    for event in call:
+        if event.WhichOneof("item") == "accepted":
+            job_id = event.accepted.job_id
+        if event.WhichOneof("item") == "progress" and event.progress.stage == "denoise":
+            call.cancel()
+            break
+    wait_for_log(mesh, "service=denoiser", "request_id=client-cancel-1", "cancelled")
+    deadline = time.monotonic() + 10
+    while stub.GetJob(gateway_pb2.GetJobRequest(job_id=job_id), timeout=10).status != \
+            gateway_pb2.JOB_STATUS_CANCELLED:
+        assert time.monotonic() < deadline, "job never reported cancelled"
+        time.sleep(0.1)
+
+
+def test_client_deadline_is_passed_down_to_the_stages(mesh):
+    stub = mesh.gateway_stub()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Generate(long_request("deadline-1"), timeout=3))
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The denoiser saw the deadline too and stopped, rather than finishing 200 steps for nobody.
+    wait_for_log(mesh, "service=denoiser", "request_id=deadline-1", "cancelled")

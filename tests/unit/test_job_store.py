@@ -82,12 +82,21 @@ def test_track_records_progress_while_running():
     async def scenario():
         store = JobStore()
         job = store.create(REQUEST, "job_1")
-        observed = []
-        async for _ in store.track(job, _events(ProgressEvent("denoise", 3, 10, 0.305))):
-            observed.append((job.status, job.progress))
-        return observed
+        release = asyncio.Event()
 
-    assert asyncio.run(scenario()) == [(JobStatus.IN_PROGRESS, 30.5)]
+        async def paused_source():
+            yield ProgressEvent("denoise", 3, 10, 0.305)
+            await release.wait()  # the job is still running while the consumer looks at it
+
+        observed = []
+        async for _ in store.track(job, paused_source()):
+            observed.append((job.status, job.progress))
+            release.set()
+        return observed, job.status
+
+    observed, final = asyncio.run(scenario())
+    assert observed == [(JobStatus.IN_PROGRESS, 30.5)]
+    assert final == JobStatus.COMPLETED
 
 
 def test_track_marks_failed_with_the_mesh_error():
