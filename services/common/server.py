@@ -85,6 +85,19 @@ def rpc_method(method: Callable) -> Callable:
     return unary_wrapper
 
 
+class StartupError(Exception):
+    """A server cannot start (port taken, model missing, device unavailable): reported in one line, no traceback."""
+
+
+def run_until_stopped(coroutine) -> None:
+    """asyncio.run for a server's main; a StartupError exits 1 with its message instead of a traceback."""
+    try:
+        asyncio.run(coroutine)
+    except StartupError as error:
+        logger.error("cannot start: %s", error)
+        raise SystemExit(1) from None
+
+
 class AdmissionGate:
     """Runs at most `concurrency` requests at once with at most `max_queue` waiting; beyond that a request
     is refused at once with RESOURCE_EXHAUSTED rather than left to hang."""
@@ -133,9 +146,12 @@ async def run_server(
     for add_to_server, servicer, _ in services:
         add_to_server(servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound_port = 0
     if bound_port == 0:
-        raise RuntimeError(f"could not bind {host}:{port}")
+        raise StartupError(f"could not bind gRPC to {host}:{port} (in use, or not an address of this host)")
     await server.start()
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

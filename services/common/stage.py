@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 from collections.abc import Callable
@@ -13,7 +12,7 @@ import torch
 from services.common import logs
 from services.common.models import ModelDir, resolve_model_dir
 from services.common.platform import Platform, set_platform
-from services.common.server import run_server
+from services.common.server import StartupError, run_server, run_until_stopped
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,8 +34,11 @@ def add_stage_arguments(parser: argparse.ArgumentParser, default_port: int) -> a
 
 def setup_stage(service: str, args: argparse.Namespace) -> tuple[Platform, ModelDir, torch.dtype | None]:
     logs.configure(service)
-    platform = set_platform(args.device)
-    model = resolve_model_dir(args.model, args.model_name)
+    try:
+        platform = set_platform(args.device)
+        model = resolve_model_dir(args.model, args.model_name)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise StartupError(str(error)) from error
     return platform, model, DTYPES[args.dtype]
 
 
@@ -80,4 +82,4 @@ async def serve_stage(spec: StageSpec, args: argparse.Namespace) -> None:
 
 def stage_main(spec: StageSpec, argv: list[str] | None = None) -> None:
     parser = add_stage_arguments(argparse.ArgumentParser(prog=f"diffmesh serve {spec.name}"), spec.default_port)
-    asyncio.run(serve_stage(spec, parser.parse_args(argv)))
+    run_until_stopped(serve_stage(spec, parser.parse_args(argv)))

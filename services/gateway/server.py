@@ -23,7 +23,7 @@ from diffmesh.v1 import (
 from services.common import logs
 from services.common.errors import InvalidArgument
 from services.common.logs import request_context
-from services.common.server import request_id_from, rpc_method, run_server
+from services.common.server import StartupError, request_id_from, rpc_method, run_server, run_until_stopped
 from services.common.tensors import iter_media_chunks
 from services.gateway import rest
 from services.gateway.config import GatewayConfig, add_arguments, load_config
@@ -138,11 +138,17 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
     ))
     # uvicorn would install its own SIGINT/SIGTERM handlers; run_server owns shutdown for both servers.
     http.install_signal_handlers = lambda: None
-    http_task = asyncio.create_task(http.serve())
+
+    async def serve_http() -> None:
+        try:
+            await http.serve()
+        except SystemExit:  # uvicorn's way to fail start-up; it has logged the reason, we report below
+            pass
+
+    http_task = asyncio.create_task(serve_http())
     while not http.started:
-        if http_task.done():
-            http_task.result()  # surfaces a bind failure
-            raise RuntimeError("HTTP server stopped during start-up")
+        if http_task.done():  # uvicorn has logged why (e.g. address in use) and exited
+            raise StartupError(f"could not start HTTP on {config.host}:{config.http_port}")
         await asyncio.sleep(0.05)
     http_port = http.servers[0].sockets[0].getsockname()[1]
     logger.info("REST on http://%s:%d, stages: encoder=%s denoiser=%s decoder=%s", config.host, http_port,
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = add_arguments(argparse.ArgumentParser(prog="diffmesh serve gateway"))
     args = parser.parse_args(argv)
     logs.configure("gateway")
-    asyncio.run(serve(load_config(args), args.port_file))
+    run_until_stopped(serve(load_config(args), args.port_file))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,23 @@ def test_generate_reports_a_bad_request_without_a_traceback(mesh, tmp_path):
     )
     assert done.returncode == 1
     assert "INVALID_ARGUMENT" in done.stderr and "width" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "encoder", "--port", "{busy}"],
+    ["serve", "gateway", "--grpc-port", "0", "--http-port", "{busy}"],
+    ["serve", "decoder", "--model", "/nonexistent/model"],
+])
+def test_a_server_that_cannot_start_says_why_in_one_line(model_dir, argv):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [a.replace("{busy}", str(busy.getsockname()[1])) for a in argv]
+        if args[1] != "gateway" and "--model" not in args:
+            args += ["--model", str(model_dir)]
+        done = subprocess.run([sys.executable, "-m", "diffmesh.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 1
+    assert "cannot start:" in done.stderr and "Traceback" not in done.stderr
