@@ -46,9 +46,8 @@ class ModelDir:
             return cls.from_pretrained(folder)
         if component == "tokenizer":
             return cls.from_pretrained(folder, local_files_only=True)
-        # transformers names the argument `dtype`, diffusers `torch_dtype`.
-        dtype_arg = "dtype" if cls.__module__.startswith("transformers") else "torch_dtype"
-        model = cls.from_pretrained(folder, local_files_only=True, **({dtype_arg: dtype} if dtype else {}))
+        # Both transformers >= 5 and diffusers >= 0.42 take `dtype` (torch_dtype is deprecated in both).
+        model = cls.from_pretrained(folder, local_files_only=True, **({"dtype": dtype} if dtype else {}))
         return model.to(device).eval().requires_grad_(False)
 
 
