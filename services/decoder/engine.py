@@ -77,18 +77,24 @@ class DecoderEngine:
         mean = self.latents_mean.to(self.device, dtype)
         inv_std = (1.0 / self.latents_std).to(self.device, dtype)  # inverted before the cast, as WanPipeline does
         latents = latents / inv_std + mean
-        # 3. VAE decode and post-process to frames in 0..1, [n, F, H, W, 3]
-        video = self.vae.decode(latents, return_dict=False)[0]
-        frames = self.video_processor.postprocess_video(video, output_type="np").astype(np.float32)
-        # 4. Encode files
+        # 3. VAE decode
+        video = self.vae.decode(latents, return_dict=False)[0]                       # [n, 3, F, H, W]
+        # 4. Post-process as WanPipeline's VideoProcessor does (denormalize in the VAE's dtype, then float32),
+        # but on the device: only uint8 pixels, and float frames when asked, cross to the CPU.
+        if self.video_processor.config.do_normalize:
+            video = self.video_processor.denormalize(video)
+        frames = video.permute(0, 2, 3, 4, 1).float()                                # [n, F, H, W, 3]
+        # 5. Encode files; pixels round as diffusers' numpy_to_pil does
         fmt = params.format
         if fmt == "auto":
             fmt = "png" if frames.shape[1] == 1 else "mp4"
-        pixels = media.to_uint8(frames) if fmt != "none" else None
         items: list[MediaItem] = []
-        for clip in pixels if pixels is not None else ():
-            if fmt == "png":
-                items.append(MediaItem("image/png", media.encode_png(clip[0])))
-            else:
-                items.append(MediaItem("video/mp4", media.encode_mp4(clip, params.fps)))
-        return Decoded(media=items, frames=frames if params.return_frames else None)
+        if fmt != "none":
+            pixels = (frames * 255).round().to(torch.uint8).cpu().numpy()
+            for clip in pixels:
+                if fmt == "png":
+                    items.append(MediaItem("image/png", media.encode_png(clip[0])))
+                else:
+                    items.append(MediaItem("video/mp4", media.encode_mp4(clip, params.fps)))
+        frames_out = frames.cpu().numpy() if params.return_frames else None
+        return Decoded(media=items, frames=frames_out)
