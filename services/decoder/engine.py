@@ -75,7 +75,9 @@ class DecoderEngine:
         dtype = self.vae.dtype
         latents = latents.to(self.device, dtype)
         mean = self.latents_mean.to(self.device, dtype)
-        inv_std = (1.0 / self.latents_std).to(self.device, dtype)  # inverted before the cast, as WanPipeline does
+        # Cast, then invert, in the VAE's dtype: WanPipeline's `1.0 / tensor(std).to(dtype)` does exactly that,
+        # and in bfloat16 inverting first gives different frames.
+        inv_std = 1.0 / self.latents_std.to(self.device, dtype)
         latents = latents / inv_std + mean
         # 3. VAE decode
         video = self.vae.decode(latents, return_dict=False)[0]                       # [n, 3, F, H, W]
