@@ -42,19 +42,11 @@ def setup_stage(service: str, args: argparse.Namespace) -> tuple[Platform, Model
     return platform, model, DTYPES[args.dtype]
 
 
-def port_writer(args: argparse.Namespace):
-    """Callback for run_server: record the bound port atomically so a waiting parent never reads half a file."""
-    if not args.port_file:
-        return None
-
-    def write(port: int) -> None:
-        tmp = f"{args.port_file}.tmp"
-        with open(tmp, "w") as f:
-            f.write(str(port))
-        os.replace(tmp, args.port_file)
-
-    return write
-
+def write_port_file(path: str, text: str) -> None:
+    """Record bound ports atomically, so a parent waiting for the file never reads half of it."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +68,7 @@ async def serve_stage(spec: StageSpec, args: argparse.Namespace) -> None:
     servicer = spec.servicer_class(engine, args.max_queue)
     await run_server(
         services=[(spec.add_to_server, servicer, spec.service_name)],
-        host=args.host, port=args.port, grace_seconds=args.grace, on_started=port_writer(args),
+        host=args.host, port=args.port, grace_seconds=args.grace, on_started=(lambda port: write_port_file(args.port_file, str(port))) if args.port_file else None,
     )
 
 

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 
 import grpc
@@ -24,11 +23,12 @@ from services.common import logs
 from services.common.errors import InvalidArgument
 from services.common.logs import request_context
 from services.common.server import StartupError, request_id_from, rpc_method, run_server, run_until_stopped
+from services.common.stage import write_port_file
 from services.common.tensors import iter_media_chunks
 from services.gateway import rest
 from services.gateway.config import GatewayConfig, add_arguments, load_config
 from services.gateway.jobs import Job, JobStatus, JobStore
-from services.gateway.pipeline import FORMAT_ENUM, MediaEvent, MeshPipeline, ProgressEvent, TensorEvent
+from services.gateway.pipeline import FORMAT_ENUM, Event, MediaEvent, MeshPipeline, ProgressEvent, TensorEvent
 from services.gateway.service import GatewayService
 from services.gateway.stages import StagePool
 
@@ -107,7 +107,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
 
-def event_to_proto(event) -> list[gateway_pb2.GenerateEvent]:
+def event_to_proto(event: Event) -> list[gateway_pb2.GenerateEvent]:
     if isinstance(event, ProgressEvent):
         progress = tensor_pb2.Progress(stage=event.stage, step=event.step, total_steps=event.total_steps,
                                        fraction=event.fraction)
@@ -156,9 +156,7 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
 
     def started(grpc_port: int) -> None:
         if port_file:
-            with open(f"{port_file}.tmp", "w") as f:
-                f.write(f"{grpc_port} {http_port}")
-            os.replace(f"{port_file}.tmp", port_file)
+            write_port_file(port_file, f"{grpc_port} {http_port}")
 
     try:
         await run_server(
