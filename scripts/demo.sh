@@ -25,4 +25,5 @@ done
 grep "diffmesh is up" "$LOG" || { cat "$LOG"; echo "the mesh did not come up in time" >&2; exit 1; }
 
 diffmesh generate --gateway "127.0.0.1:$GRPC_PORT" --prompt "$PROMPT" --size 256x256 --seed 42 -o "$OUTPUT"
-echo "REST too: curl -s localhost:$HTTP_PORT/v1/images/generations -d '{\"prompt\":\"...\",\"size\":\"256x256\"}'"
+echo "The mesh stops now. Keep one running with 'diffmesh up', then try REST:"
+echo "  curl -s localhost:8000/v1/images/generations -H 'content-type: application/json' -d '{\"prompt\":\"a fox\",\"size\":\"256x256\"}'"
