@@ -26,6 +26,7 @@ class GatewayConfig:
     model_name: str = ""
     defaults: Defaults = Defaults()
     request_timeout_s: float = 1800.0
+    stage_stall_timeout_s: float = 300.0
     max_active_jobs: int = 64
     grace_seconds: float = 30.0
 
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--default-size", default=None, metavar="WxH", help="size when a request gives none")
     parser.add_argument("--default-steps", type=int, default=None, help="denoising steps when a request gives none")
     parser.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is failed")
+    parser.add_argument("--stage-stall-timeout", type=float, default=None,
+                        help="seconds a stage may send nothing before it counts as hung (default 300)")
     parser.add_argument("--max-active-jobs", type=int, default=None, help="jobs running or queued at once")
     parser.add_argument("--grace", type=float, default=None, help="seconds to drain on SIGTERM")
     parser.add_argument("--port-file", default=None, help="write 'GRPC_PORT HTTP_PORT' here once serving")
@@ -91,6 +94,8 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         model_name=model_name,
         defaults=defaults,
         request_timeout_s=float(pick(args.request_timeout, None, "request_timeout", base.request_timeout_s)),
+        stage_stall_timeout_s=float(pick(args.stage_stall_timeout, None, "stage_stall_timeout",
+                                         base.stage_stall_timeout_s)),
         max_active_jobs=int(pick(args.max_active_jobs, None, "max_active_jobs", base.max_active_jobs)),
         grace_seconds=float(pick(args.grace, None, "grace", base.grace_seconds)),
         **stages,

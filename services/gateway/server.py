@@ -121,10 +121,11 @@ def event_to_proto(event: Event) -> list[gateway_pb2.GenerateEvent]:
 
 
 def build_service(config: GatewayConfig) -> GatewayService:
+    stall = config.stage_stall_timeout_s
     pipeline = MeshPipeline(
-        StagePool("encoder", list(config.encoder), encoder_pb2_grpc.EncoderStub),
-        StagePool("denoiser", list(config.denoiser), denoiser_pb2_grpc.DenoiserStub),
-        StagePool("decoder", list(config.decoder), decoder_pb2_grpc.DecoderStub),
+        StagePool("encoder", list(config.encoder), encoder_pb2_grpc.EncoderStub, stall),
+        StagePool("denoiser", list(config.denoiser), denoiser_pb2_grpc.DenoiserStub, stall),
+        StagePool("decoder", list(config.decoder), decoder_pb2_grpc.DecoderStub, stall),
         [config.model_name],
     )
     return GatewayService(config, pipeline, JobStore(max_active=config.max_active_jobs))

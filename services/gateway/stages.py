@@ -22,6 +22,9 @@ from services.common.server import CHANNEL_OPTIONS, REQUEST_ID_KEY
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
+# A stage that sends nothing for this long is taken as hung. Every stage speaks at least once a step (the
+# denoiser streams a progress event per step), so this bounds one step, one encode or one VAE decode.
+DEFAULT_STALL_TIMEOUT_S = 300.0
 # Replicas found unhealthy are skipped for this long before being tried again.
 UNHEALTHY_COOLDOWN_S = 5.0
 
@@ -43,10 +46,17 @@ class Replica:
 
 
 class StagePool:
-    def __init__(self, stage: str, addresses: list[str], stub_class: Callable[[grpc.aio.Channel], object]) -> None:
+    def __init__(
+        self,
+        stage: str,
+        addresses: list[str],
+        stub_class: Callable[[grpc.aio.Channel], object],
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    ) -> None:
         if not addresses:
             raise ValueError(f"no address given for the {stage} stage")
         self.stage = stage
+        self.stall_timeout_s = stall_timeout_s
         self.replicas = [
             Replica(address, channel, stub_class(channel))
             for address in addresses
@@ -74,28 +84,39 @@ class StagePool:
 
         `call` must build a fresh request each time (a client stream cannot be replayed)."""
         tried: set[str] = set()
-        last_error: grpc.RpcError | None = None
+        last_failure = "no replica"
         while (replica := self._pick(tried)) is not None:
             tried.add(replica.address)
             replica.outstanding += 1
             produced = False
+            rpc = call(replica.stub, {"metadata": ((REQUEST_ID_KEY, request_id),), "timeout": timeout})
             try:
-                kwargs = {"metadata": ((REQUEST_ID_KEY, request_id),), "timeout": timeout}
-                async for response in call(replica.stub, kwargs):
+                responses = rpc.__aiter__()
+                while True:
+                    try:
+                        response = await asyncio.wait_for(responses.__anext__(), self.stall_timeout_s)
+                    except StopAsyncIteration:
+                        return
                     produced = True
                     yield response
-                return
+            except asyncio.TimeoutError:
+                rpc.cancel()
+                replica.mark_unhealthy()
+                last_failure = f"{replica.address} sent nothing for {self.stall_timeout_s:g}s"
+                logger.warning("%s replica %s", self.stage, last_failure)
+                if produced:
+                    raise Unavailable(self.stage, last_failure) from None
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.UNAVAILABLE and not produced:
                     replica.mark_unhealthy()
+                    last_failure = f"{replica.address}: {error.details()}"
                     logger.warning("%s replica %s unavailable: %s", self.stage, replica.address, error.details())
-                    last_error = error
                     continue
                 raise from_rpc_error(self.stage, error) from None
             finally:
+                rpc.cancel()  # no-op once the call has ended; stops it if our consumer went away mid-stream
                 replica.outstanding -= 1
-        details = last_error.details() if last_error is not None else "no replica"
-        raise Unavailable(self.stage, f"no replica of {self.addresses} answered ({details})")
+        raise Unavailable(self.stage, f"no replica of {self.addresses} answered (last: {last_failure})")
 
     async def check_health(self) -> bool:
         """True when at least one replica reports SERVING."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -19,13 +20,14 @@ from .conftest import free_port
 BOUND_S = 15.0
 
 
-def start_gateway(tmp_path: pathlib.Path, mesh, **stages: str) -> tuple[subprocess.Popen, str, str]:
+def start_gateway(tmp_path: pathlib.Path, mesh, extra: tuple[str, ...] = (), **stages: str
+                  ) -> tuple[subprocess.Popen, str, str]:
     port_file = tmp_path / f"gateway-{time.monotonic_ns()}"
     addresses = {**mesh.stages, **stages}
     process = subprocess.Popen(
         [sys.executable, "-m", "services.gateway.server", "--grpc-port", "0", "--http-port", "0",
          "--model-name", mesh.model, "--port-file", str(port_file), "--grace", "1",
-         *[f"--{stage}={address}" for stage, address in addresses.items()]],
+         *[f"--{stage}={address}" for stage, address in addresses.items()], *extra],
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
@@ -40,8 +42,8 @@ def start_gateway(tmp_path: pathlib.Path, mesh, **stages: str) -> tuple[subproce
 def gateway_factory(tmp_path, mesh):
     started: list[subprocess.Popen] = []
 
-    def make(**stages: str) -> tuple[str, str]:
-        process, grpc_address, http_url = start_gateway(tmp_path, mesh, **stages)
+    def make(extra: tuple[str, ...] = (), **stages: str) -> tuple[str, str]:
+        process, grpc_address, http_url = start_gateway(tmp_path, mesh, extra, **stages)
         started.append(process)
         return grpc_address, http_url
 
@@ -82,3 +84,33 @@ def test_pool_fails_over_to_a_live_replica(gateway_factory, mesh):
         kinds = [event.WhichOneof("item") for event in stub.Generate(small_request(), timeout=120)]
         assert kinds[-1] == "completed" and "media" in kinds
     assert httpx.get(f"{http_url}/health", timeout=30).status_code == 200
+
+
+@pytest.fixture
+def hung_address():
+    """A peer that accepts TCP connections and never says a word: the kernel completes the handshake for a
+    listening socket, so gRPC connects and then waits for an HTTP/2 reply that never comes."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_hung_stage_is_unavailable_after_the_stall_timeout(gateway_factory, hung_address):
+    grpc_address, _ = gateway_factory(extra=("--stage-stall-timeout", "2"), encoder=hung_address)
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(grpc_address))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Generate(small_request(), timeout=60))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "encoder" in raised.value.details() and "sent nothing" in raised.value.details()
+    assert time.monotonic() - started < BOUND_S
+
+
+def test_pool_skips_a_hung_replica(gateway_factory, hung_address, mesh):
+    grpc_address, _ = gateway_factory(extra=("--stage-stall-timeout", "2"),
+                                      decoder=f"{hung_address},{mesh.stages['decoder']}")
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(grpc_address))
+    for _ in range(2):
+        kinds = [event.WhichOneof("item") for event in stub.Generate(small_request(), timeout=60)]
+        assert kinds[-1] == "completed" and "media" in kinds

@@ -164,3 +164,11 @@ def test_parse_size_rejects_malformed_text_naming_the_field(text):
     with pytest.raises(InvalidArgument) as info:
         parse_size(text, "default_size")
     assert info.value.field == "default_size"
+
+
+def test_stage_stall_timeout_flag_overrides_file_and_default(tmp_path):
+    assert _load().stage_stall_timeout_s == 300.0
+    path = tmp_path / "gateway.toml"
+    path.write_text("stage_stall_timeout = 45\n")
+    assert _load("--config", str(path)).stage_stall_timeout_s == 45.0
+    assert _load("--config", str(path), "--stage-stall-timeout", "2.5").stage_stall_timeout_s == 2.5
