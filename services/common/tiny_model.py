@@ -238,7 +238,7 @@ def _build_transformer():
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        rope_max_seq_len=1024,  # Wan2.1's own: positions for sizes up to 16384 px
     )
     _variance_preserving_init(model)
     with torch.no_grad():

@@ -61,6 +61,9 @@ class DenoiserEngine:
         self.latent_channels = int(config.in_channels)
         self.text_dim = int(config.text_dim)
         self.size_multiple = self.vae_scale_spatial * int(config.patch_size[1])
+        # The transformer's rotary embedding has positions for this many patches along each axis.
+        self.max_patches = int(config.rope_max_seq_len)
+        self.patch_size = tuple(int(p) for p in config.patch_size)
         logger.info("denoiser loaded %s on %s (%s)", model.path, self.device, self.transformer.dtype)
 
     # 1. Check inputs
@@ -82,6 +85,13 @@ class DenoiserEngine:
             raise InvalidArgument("guidance_scale", f"{params.guidance_scale} must be finite and >= 0")
         if not 1 <= params.num_outputs <= MAX_OUTPUTS:
             raise InvalidArgument("n", f"{params.num_outputs} is outside 1..{MAX_OUTPUTS}")
+        _, _, frames, height, width = self.latent_shape(params)
+        for field, latent, patch, scale in (("num_frames", frames, self.patch_size[0], self.vae_scale_temporal),
+                                            ("height", height, self.patch_size[1], self.vae_scale_spatial),
+                                            ("width", width, self.patch_size[2], self.vae_scale_spatial)):
+            if latent // patch > self.max_patches:
+                limit = self.max_patches * patch * scale
+                raise InvalidArgument(field, f"{getattr(params, field)} exceeds this model's limit of about {limit}")
 
     def check_embeddings(self, params: DenoiseParams, prompt: torch.Tensor, negative: torch.Tensor | None) -> None:
         for name, embeds in (("prompt_embeds", prompt), ("negative_prompt_embeds", negative)):

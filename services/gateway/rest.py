@@ -6,6 +6,7 @@ matches the gRPC code (400, 404, 429, 503, ...). No traceback ever reaches a cli
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -26,6 +27,7 @@ from services.gateway.service import GatewayService
 
 logger = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.5
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
@@ -99,6 +101,31 @@ def video_object(job: Job) -> dict:
     }
 
 
+class RequestCounter:
+    """Counts requests by route and status. Plain ASGI on purpose: Starlette's BaseHTTPMiddleware hides the
+    client's disconnect from handlers, and the image endpoint relies on seeing it to cancel abandoned jobs."""
+
+    def __init__(self, app, counter: Counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_and_note_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.counter.labels(route, str(status["code"])).inc()
+
+
 def create_app(service: GatewayService) -> FastAPI:
     app = FastAPI(title="diffmesh gateway", version="0.1.0")
     registry = CollectorRegistry()
@@ -108,12 +135,7 @@ def create_app(service: GatewayService) -> FastAPI:
     active_jobs = Gauge("diffmesh_active_jobs", "Jobs running or queued", registry=registry)
     active_jobs.set_function(lambda: service.jobs.active)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestCounter, counter=http_requests)
 
     @app.exception_handler(MeshError)
     async def on_mesh_error(request: Request, error: MeshError) -> JSONResponse:
@@ -142,16 +164,28 @@ def create_app(service: GatewayService) -> FastAPI:
         with request_context(generation.request_id):
             job = service.submit(generation, prefix="img")
             started = time.monotonic()
-            images: list[MediaEvent] = []
-            async for event in service.events(job):
-                if isinstance(event, MediaEvent):
-                    images.append(event)
+            images = await collect_unless_disconnected(job, request)
             generation_seconds.labels("image").observe(time.monotonic() - started)
         if body.response_format == "url":
             data = [{"url": str(request.url_for("get_image", job_id=job.id, index=image.index))} for image in images]
         else:
             data = [{"b64_json": base64.b64encode(image.data).decode("ascii")} for image in images]
         return {"created": int(job.created_at), "data": data, "seed": generation.seed}
+
+    async def collect_unless_disconnected(job: Job, request: Request) -> list[MediaEvent]:
+        """Run a job for a waiting HTTP client; if the client hangs up, cancel the job rather than finish it
+        for nobody (the server does not cancel a plain request's handler on disconnect)."""
+
+        async def collect() -> list[MediaEvent]:
+            return [event async for event in service.events(job) if isinstance(event, MediaEvent)]
+
+        collector = asyncio.create_task(collect())
+        while not collector.done():
+            await asyncio.wait({collector}, timeout=DISCONNECT_POLL_S)
+            if not collector.done() and await request.is_disconnected():
+                logger.info("client disconnected: cancelling job %s", job.id)
+                service.jobs.cancel(job.id)
+        return collector.result()
 
     @app.get("/v1/images/{job_id}/{index}", name="get_image")
     async def get_image(job_id: str, index: int) -> Response:

@@ -118,3 +118,16 @@ def test_metrics_are_prometheus_text(http):
     assert reply.status_code == 200
     assert 'diffmesh_http_requests_total{route="/health",status="200"}' in reply.text
     assert "diffmesh_active_jobs" in reply.text
+
+
+def test_client_hanging_up_on_an_image_request_cancels_it(mesh):
+    body = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{mesh.http_url}/v1/images/generations", json=body, timeout=2.0,
+                   headers={"x-request-id": "rest-hangup-1"})
+    # The denoiser is told to stop, rather than running 200 steps for nobody.
+    deadline = time.monotonic() + 30
+    while not any("service=denoiser" in line and "request_id=rest-hangup-1" in line and "cancel" in line
+                  for line in list(mesh.log)):
+        assert time.monotonic() < deadline, "the denoiser never saw the cancellation"
+        time.sleep(0.2)
