@@ -9,7 +9,7 @@ import tomllib
 
 from services.common.errors import InvalidArgument
 from services.common.models import default_model_name
-from services.gateway.pipeline import Defaults
+from services.gateway.pipeline import DEFAULT_MAX_OUTPUT_PIXELS, Defaults
 
 STAGES = ("encoder", "denoiser", "decoder")
 DEFAULT_STAGE_ADDRESSES = {"encoder": "127.0.0.1:50061", "denoiser": "127.0.0.1:50062", "decoder": "127.0.0.1:50063"}
@@ -27,6 +27,7 @@ class GatewayConfig:
     defaults: Defaults = Defaults()
     request_timeout_s: float = 1800.0
     stage_stall_timeout_s: float = 300.0
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
     max_active_jobs: int = 64
     grace_seconds: float = 30.0
 
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is failed")
     parser.add_argument("--stage-stall-timeout", type=float, default=None,
                         help="seconds a stage may send nothing before it counts as hung (default 300)")
+    parser.add_argument("--max-output-pixels", type=int, default=None,
+                        help="width x height x frames x n one request may ask for (default 1280x720x161)")
     parser.add_argument("--max-active-jobs", type=int, default=None, help="jobs running or queued at once")
     parser.add_argument("--grace", type=float, default=None, help="seconds to drain on SIGTERM")
     parser.add_argument("--port-file", default=None, help="write 'GRPC_PORT HTTP_PORT' here once serving")
@@ -96,6 +99,7 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=float(pick(args.request_timeout, None, "request_timeout", base.request_timeout_s)),
         stage_stall_timeout_s=float(pick(args.stage_stall_timeout, None, "stage_stall_timeout",
                                          base.stage_stall_timeout_s)),
+        max_output_pixels=int(pick(args.max_output_pixels, None, "max_output_pixels", base.max_output_pixels)),
         max_active_jobs=int(pick(args.max_active_jobs, None, "max_active_jobs", base.max_active_jobs)),
         grace_seconds=float(pick(args.grace, None, "grace", base.grace_seconds)),
         **stages,

@@ -25,6 +25,9 @@ MAX_SIDE = 4096
 MAX_FRAMES = 1025
 MAX_N = 10
 SIZE_MULTIPLE = 16
+# Output pixels (width x height x frames x n) one request may ask for: 1280x720, 161 frames (10 s at 16 fps).
+# Each side and the frame count are bounded on their own, but their product decides the decoder's memory.
+DEFAULT_MAX_OUTPUT_PIXELS = 1280 * 720 * 161
 FORMATS = ("auto", "png", "mp4", "none")
 FORMAT_ENUM = {
     "auto": decoder_pb2.MEDIA_FORMAT_AUTO,
@@ -65,7 +68,7 @@ class GenerationRequest:
     return_frames: bool = False
     timeout_s: float | None = None
 
-    def validate(self, models: list[str]) -> None:
+    def validate(self, models: list[str], max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
         """Reject what no stage could serve, naming the field, before any stage is called."""
         if self.model not in models:
             raise NotFound(f"model {self.model!r} not found; available: {models}")
@@ -95,6 +98,11 @@ class GenerationRequest:
             raise InvalidArgument("format", "png holds one frame; use mp4 for num_frames > 1")
         if not 1 <= self.fps <= 120:
             raise InvalidArgument("fps", f"{self.fps} is outside 1..120")
+        output_pixels = self.width * self.height * self.num_frames * self.n
+        if output_pixels > max_output_pixels:
+            raise InvalidArgument(
+                "size", f"{self.width}x{self.height} x {self.num_frames} frames x n={self.n} is {output_pixels} pixels, "
+                f"over this gateway's limit of {max_output_pixels} (--max-output-pixels)")
         if not -(2**63) <= self.seed < 2**63:
             raise InvalidArgument("seed", f"{self.seed} does not fit in a signed 64-bit integer")
 
@@ -130,13 +138,15 @@ Event = ProgressEvent | MediaEvent | TensorEvent
 
 
 class MeshPipeline:
-    def __init__(self, encoder: StagePool, denoiser: StagePool, decoder: StagePool, model_names: list[str]) -> None:
+    def __init__(self, encoder: StagePool, denoiser: StagePool, decoder: StagePool, model_names: list[str],
+                 max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
         self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
         self.model_names = model_names
+        self.max_output_pixels = max_output_pixels
         self.pools = {"encoder": encoder, "denoiser": denoiser, "decoder": decoder}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        request.validate(self.model_names)
+        request.validate(self.model_names, self.max_output_pixels)
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
 
         def remaining() -> float | None:

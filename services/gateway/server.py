@@ -127,6 +127,7 @@ def build_service(config: GatewayConfig) -> GatewayService:
         StagePool("denoiser", list(config.denoiser), denoiser_pb2_grpc.DenoiserStub, stall),
         StagePool("decoder", list(config.decoder), decoder_pb2_grpc.DecoderStub, stall),
         [config.model_name],
+        config.max_output_pixels,
     )
     return GatewayService(config, pipeline, JobStore(max_active=config.max_active_jobs))
 

@@ -63,7 +63,7 @@ class GatewayService:
 
     def submit(self, request: GenerationRequest, prefix: str = "gen") -> Job:
         """Validate and register a job; raises InvalidArgument / NotFound / ResourceExhausted before any work."""
-        request.validate(self.models)
+        request.validate(self.models, self.pipeline.max_output_pixels)
         return self.jobs.create(request, new_job_id(prefix))
 
     def events(self, job: Job) -> AsyncIterator[Event]:

@@ -12,6 +12,7 @@ from diffmesh.v1 import gateway_pb2
 BAD = [
     ("size-not-multiple-of-16", dict(width=100, height=64), {"size": "100x64"}, "INVALID_ARGUMENT", "width"),
     ("size-too-large", dict(width=8192, height=64), {"size": "8192x64"}, "INVALID_ARGUMENT", "width"),
+    ("output-pixels-over-limit", dict(width=2048, height=2048, num_frames=41), None, "INVALID_ARGUMENT", "size"),
     ("frames-not-4k+1", dict(num_frames=6), None, "INVALID_ARGUMENT", "num_frames"),
     ("steps-zero", dict(num_inference_steps=-1), {"num_inference_steps": -1}, "INVALID_ARGUMENT",
      "num_inference_steps"),

@@ -23,7 +23,7 @@ def test_valid_request_passes():
     [
         {"width": 16, "height": 4096},
         {"num_frames": 5, "format": "mp4"},
-        {"num_frames": 1025},
+        {"num_frames": 1025, "width": 256, "height": 256},  # within the output-pixel limit too
         {"num_inference_steps": 1},
         {"num_inference_steps": 200},
         {"guidance_scale": 0.0},
@@ -91,3 +91,13 @@ def test_unknown_model_is_not_found():
     assert "'sdxl'" in info.value.message
     assert "wan-tiny" in info.value.message
     assert info.value.http_status == 404
+
+
+def test_output_pixels_over_the_gateway_limit_are_rejected_naming_size():
+    big = dataclasses.replace(VALID, width=1280, height=720, num_frames=161, n=2)
+    with pytest.raises(InvalidArgument) as raised:
+        big.validate(MODELS)
+    assert raised.value.field == "size" and "--max-output-pixels" in raised.value.message
+    dataclasses.replace(big, n=1).validate(MODELS)  # 1280x720x161 is exactly the default limit
+    with pytest.raises(InvalidArgument):
+        dataclasses.replace(big, n=1).validate(MODELS, max_output_pixels=1280 * 720 * 81)
