@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from services.common.errors import Cancelled, InvalidArgument
+from services.common.limits import check_frames, check_guidance, check_outputs, check_side, check_steps
 from services.common.models import ModelDir
 from services.common.platform import Platform
 
 logger = logging.getLogger(__name__)
 
-MAX_STEPS = 200
-MAX_SIDE = 4096
-MAX_FRAMES = 1025
-MAX_OUTPUTS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,23 +64,12 @@ class DenoiserEngine:
 
     # 1. Check inputs
     def check(self, params: DenoiseParams) -> None:
-        for field in ("width", "height"):
-            value = getattr(params, field)
-            if not self.size_multiple <= value <= MAX_SIDE or value % self.size_multiple:
-                raise InvalidArgument(
-                    field, f"{value} must be a multiple of {self.size_multiple} in {self.size_multiple}..{MAX_SIDE}"
-                )
-        if not 1 <= params.num_frames <= MAX_FRAMES or (params.num_frames - 1) % self.vae_scale_temporal:
-            raise InvalidArgument(
-                "num_frames",
-                f"{params.num_frames} must be of the form {self.vae_scale_temporal}k+1 in 1..{MAX_FRAMES}",
-            )
-        if not 1 <= params.num_inference_steps <= MAX_STEPS:
-            raise InvalidArgument("num_inference_steps", f"{params.num_inference_steps} is outside 1..{MAX_STEPS}")
-        if not math.isfinite(params.guidance_scale) or params.guidance_scale < 0:
-            raise InvalidArgument("guidance_scale", f"{params.guidance_scale} must be finite and >= 0")
-        if not 1 <= params.num_outputs <= MAX_OUTPUTS:
-            raise InvalidArgument("n", f"{params.num_outputs} is outside 1..{MAX_OUTPUTS}")
+        check_side("width", params.width, self.size_multiple)
+        check_side("height", params.height, self.size_multiple)
+        check_frames(params.num_frames, self.vae_scale_temporal)
+        check_steps(params.num_inference_steps)
+        check_guidance(params.guidance_scale)
+        check_outputs(params.num_outputs)
         _, _, frames, height, width = self.latent_shape(params)
         for field, latent, patch, scale in (("num_frames", frames, self.patch_size[0], self.vae_scale_temporal),
                                             ("height", height, self.patch_size[1], self.vae_scale_spatial),

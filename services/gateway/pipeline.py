@@ -9,22 +9,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 
 from diffmesh.v1 import decoder_pb2, denoiser_pb2, encoder_pb2, tensor_pb2
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from services.common.limits import check_frames, check_guidance, check_outputs, check_side, check_steps
 from services.gateway.stages import StagePool
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 8192
-MAX_STEPS = 200
-MAX_SIDE = 4096
-MAX_FRAMES = 1025
-MAX_N = 10
-SIZE_MULTIPLE = 16
+SIZE_MULTIPLE = 16  # the VAE's 8x times the transformer's 2x2 patches, for every Wan2.1 model
 # Output pixels (width x height x frames x n) one request may ask for: 1280x720, 161 frames (10 s at 16 fps).
 # Each side and the frame count are bounded on their own, but their product decides the decoder's memory.
 DEFAULT_MAX_OUTPUT_PIXELS = 1280 * 720 * 161
@@ -80,18 +76,12 @@ class GenerationRequest:
             raise InvalidArgument(
                 "negative_prompt", f"{len(self.negative_prompt)} characters, over the limit of {MAX_PROMPT_CHARS}"
             )
-        for field in ("width", "height"):
-            value = getattr(self, field)
-            if value % SIZE_MULTIPLE or not SIZE_MULTIPLE <= value <= MAX_SIDE:
-                raise InvalidArgument(field, f"{value} must be a multiple of {SIZE_MULTIPLE} in {SIZE_MULTIPLE}..{MAX_SIDE}")
-        if (self.num_frames - 1) % 4 or not 1 <= self.num_frames <= MAX_FRAMES:
-            raise InvalidArgument("num_frames", f"{self.num_frames} must be of the form 4k+1 in 1..{MAX_FRAMES}")
-        if not 1 <= self.num_inference_steps <= MAX_STEPS:
-            raise InvalidArgument("num_inference_steps", f"{self.num_inference_steps} is outside 1..{MAX_STEPS}")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise InvalidArgument("guidance_scale", f"{self.guidance_scale} must be finite and >= 0")
-        if not 1 <= self.n <= MAX_N:
-            raise InvalidArgument("n", f"{self.n} is outside 1..{MAX_N}")
+        check_side("width", self.width, SIZE_MULTIPLE)
+        check_side("height", self.height, SIZE_MULTIPLE)
+        check_frames(self.num_frames)
+        check_steps(self.num_inference_steps)
+        check_guidance(self.guidance_scale)
+        check_outputs(self.n)
         if self.format not in FORMATS:
             raise InvalidArgument("format", f"{self.format!r} is not one of {FORMATS}")
         if self.format == "png" and self.num_frames != 1:
