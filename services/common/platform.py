@@ -27,6 +27,9 @@ class Platform:
     dist_backend: str         # torch.distributed backend for tensor traffic
     # Environment variables that pin a process to its devices on this platform.
     visible_devices_env: str | None
+    # The SDPA kernel that also returns log-sum-exps, which ring attention merges blocks with
+    # (a name in services.denoiser.gang.attention.LSE_KERNELS).
+    lse_attention: str = "math"
 
     def device(self, index: int | None = None) -> torch.device:
         if self.kind == "cpu" or index is None:
@@ -72,9 +75,9 @@ class Platform:
 
 
 PLATFORMS: dict[str, Platform] = {
-    "xpu": Platform("xpu", "xccl", "ZE_AFFINITY_MASK"),
-    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES"),
-    "cpu": Platform("cpu", "gloo", None),
+    "xpu": Platform("xpu", "xccl", "ZE_AFFINITY_MASK", lse_attention="fused_overrideable"),
+    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", lse_attention="cuda"),
+    "cpu": Platform("cpu", "gloo", None, lse_attention="flash_cpu"),
 }
 
 

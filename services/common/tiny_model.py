@@ -228,7 +228,7 @@ def _build_transformer():
 
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
+        num_attention_heads=4,  # divisible by 2 and 4, so every gang layout of up to 4 devices can shard heads
         attention_head_dim=12,
         in_channels=16,
         out_channels=16,

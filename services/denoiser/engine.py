@@ -22,7 +22,6 @@ from services.common.platform import Platform
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DenoiseParams:
     request_id: str
@@ -44,11 +43,12 @@ StepCallback = Callable[[int, int], None]      # (steps done, total steps)
 
 
 class DenoiserEngine:
-    def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
         self.model_name = model.name
         self.platform = platform
-        self.device = platform.device()
-        self.transformer = model.load("transformer", dtype=dtype or platform.default_dtype(), device=self.device)
+        self.device = device or platform.device()
+        self.transformer = self.load_transformer(model, dtype or platform.default_dtype())
         self.scheduler_template = model.load("scheduler")
         vae_config = model.config("vae")
         self.vae_scale_temporal = int(vae_config.get("scale_factor_temporal", 4))
@@ -61,6 +61,10 @@ class DenoiserEngine:
         self.max_patches = int(config.rope_max_seq_len)
         self.patch_size = tuple(int(p) for p in config.patch_size)
         logger.info("denoiser loaded %s on %s (%s)", model.path, self.device, self.transformer.dtype)
+
+    def load_transformer(self, model: ModelDir, dtype: torch.dtype):
+        """The whole transformer on this device; the gang loads its sharded form instead."""
+        return model.load("transformer", dtype=dtype, device=self.device)
 
     # 1. Check inputs
     def check(self, params: DenoiseParams) -> None:

@@ -1,0 +1,111 @@
+"""The gang's process groups: one device group per parallel axis, and a CPU group for control messages.
+
+Rank discovery is torch.distributed's usual environment (`MASTER_ADDR`, `MASTER_PORT`, `RANK`, `WORLD_SIZE`,
+`LOCAL_RANK`), whether `diffmesh serve denoiser --devices N` set it for its children or torchrun / a
+Kubernetes controller did, so a gang can span machines. The tensor backend comes from the platform layer
+(xccl, nccl or gloo); control traffic (requests, cancellation, shutdown) always goes over gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from services.common.platform import Platform
+from services.denoiser.gang.layout import Coordinates, GangLayout
+
+logger = logging.getLogger(__name__)
+
+# Workers wait on the control group between requests for as long as the gang is idle; a short timeout
+# would kill an idle gang. A dead peer still surfaces at once, as a closed connection.
+CONTROL_TIMEOUT = datetime.timedelta(days=365)
+GANG_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+def env_rank() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torch.distributed's environment, or None outside a gang."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    missing = [name for name in GANG_ENV if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE is set but {', '.join(missing)} is not: cannot join the gang")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return rank, world, local_rank
+
+
+@dataclasses.dataclass
+class AxisGroup:
+    """One parallel axis as seen from this rank: its process group, its members and where we sit."""
+
+    group: dist.ProcessGroup | None
+    ranks: list[int]
+    index: int
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+class Gang:
+    def __init__(self, layout: GangLayout, platform: Platform, rank: int, local_rank: int) -> None:
+        self.layout = layout
+        self.platform = platform
+        self.rank = rank
+        self.at: Coordinates = layout.coordinates(rank)
+        if platform.kind != "cpu":
+            platform.set_device(local_rank % platform.device_count())
+        self.device = platform.device(local_rank % platform.device_count() if platform.kind != "cpu" else None)
+        if not dist.is_initialized():
+            options = {"device_id": self.device} if platform.kind != "cpu" else {}
+            dist.init_process_group(backend=platform.dist_backend, rank=rank, world_size=layout.world_size,
+                                    **options)
+        if dist.get_world_size() != layout.world_size:
+            raise RuntimeError(f"WORLD_SIZE {dist.get_world_size()} != layout {layout.describe()}")
+        self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        self.axes = {axis: self._axis_group(axis) for axis in ("cfg", "ring", "ulysses", "tp", "sequence")}
+        logger.info("gang rank %d of %d (%s) on %s: %s", rank, layout.world_size, layout.describe(), self.device,
+                    self.at)
+
+    def _axis_group(self, axis: str) -> AxisGroup:
+        mine = None
+        # new_group must be called by every rank for every group, in the same order.
+        for ranks in self.layout.groups(axis):
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if self.rank in ranks:
+                mine = AxisGroup(group=group, ranks=ranks, index=ranks.index(self.rank))
+        assert mine is not None
+        return mine
+
+    def axis(self, name: str) -> AxisGroup:
+        return self.axes[name]
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    # Control traffic, on the CPU group --------------------------------------------------------------------
+
+    def broadcast_message(self, message: object = None) -> object:
+        """Rank 0 sends `message` to every rank; every rank returns it."""
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any: how the leader's cancellation reaches all."""
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(value.item())
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.control)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

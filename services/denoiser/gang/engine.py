@@ -1,0 +1,118 @@
+"""The denoiser engine as a gang: every rank runs the same loop in lockstep; rank 0 (the leader) takes
+requests from the gRPC server and hands each to the others over the CPU control group.
+
+Per step, the ranks first agree whether the request was cancelled (an all-reduce of the leader's flag), so
+a cancellation stops all of them at the same step and the gang is ready for the next request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from services.common.errors import Cancelled
+from services.common.logs import request_context
+from services.common.models import ModelDir
+from services.common.platform import Platform
+from services.denoiser.engine import DenoiseParams, DenoiserEngine, StepCallback
+from services.denoiser.gang.attention import LSE_KERNELS
+from services.denoiser.gang.distributed import Gang
+from services.denoiser.gang.tensor_parallel import load_sharded_transformer
+from services.denoiser.gang.transformer import ParallelTransformer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseMessage:
+    """What the leader broadcasts for each request (tensors on the CPU, pickled over the gloo group)."""
+
+    params: DenoiseParams
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+
+
+STOP = "stop"
+
+
+class GangDenoiserEngine(DenoiserEngine):
+    def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None, gang: Gang) -> None:
+        self.gang = gang
+        self.cfg = gang.axis("cfg")
+        self.tp = gang.axis("tp")
+        config = model.config("transformer")
+        gang.layout.check_model(int(config["num_attention_heads"]), int(config["ffn_dim"]))
+        super().__init__(model, platform, dtype, device=gang.device)
+
+    def load_transformer(self, model: ModelDir, dtype: torch.dtype):
+        if self.tp.size > 1:
+            full = load_sharded_transformer(model.component_class("transformer"), model.path / "transformer",
+                                            self.tp, dtype, self.device)
+        else:
+            full = model.load("transformer", dtype=dtype, device=self.device)
+        return ParallelTransformer(full, self.gang, LSE_KERNELS[self.platform.lse_attention])
+
+    # The leader's side ------------------------------------------------------------------------------------
+
+    def denoise(self, params: DenoiseParams, prompt_embeds: torch.Tensor,
+                negative_prompt_embeds: torch.Tensor | None, on_step: StepCallback | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+        """Called on the leader by the server: checks, hands the request to every rank, runs its share."""
+        self.check(params)
+        self.check_embeddings(params, prompt_embeds, negative_prompt_embeds)
+        negative = negative_prompt_embeds if params.guided else None
+        self.gang.broadcast_message(DenoiseMessage(params, prompt_embeds.cpu(), None if negative is None else negative.cpu()))
+        return self._run_guarded(params, prompt_embeds, negative, on_step, lambda: self.gang.any_rank(cancelled()))
+
+    def release(self) -> None:
+        """Tell the other ranks to exit (the leader is shutting down)."""
+        self.gang.broadcast_message(STOP)
+
+    # Every other rank ------------------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Run the leader's requests until it says stop."""
+        while True:
+            message = self.gang.broadcast_message()
+            if message == STOP:
+                logger.info("gang rank %d stopping", self.gang.rank)
+                return
+            with request_context(message.params.request_id):
+                try:
+                    self._run_guarded(message.params, message.prompt_embeds, message.negative_prompt_embeds,
+                                      None, lambda: self.gang.any_rank(False))
+                except Cancelled:
+                    pass
+
+    def _run_guarded(self, params, prompt_embeds, negative_prompt_embeds, on_step, cancelled) -> torch.Tensor:
+        try:
+            return DenoiserEngine.denoise(self, params, prompt_embeds, negative_prompt_embeds, on_step, cancelled)
+        except Cancelled:
+            raise
+        except BaseException:
+            # A rank that failed mid-loop leaves the others inside a collective: the gang cannot go on.
+            logger.exception("gang rank %d failed during a request; the gang must restart", self.gang.rank)
+            raise GangBroken(f"rank {self.gang.rank} failed") from None
+
+    # The step, split across the gang ----------------------------------------------------------------------
+
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                      negative_prompt_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+        if negative_prompt_embeds is None or self.cfg.size == 1:
+            return super().predict_noise(latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale)
+        # CFG-parallel: cfg rank 0 predicts the conditional branch, rank 1 the unconditional, then both hold both.
+        text = prompt_embeds if self.cfg.index == 0 else negative_prompt_embeds
+        mine = self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                                return_dict=False)[0].contiguous()
+        branches = [torch.empty_like(mine) for _ in range(self.cfg.size)]
+        dist.all_gather(branches, mine, group=self.cfg.group)
+        noise_pred, noise_uncond = branches
+        return noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+
+
+class GangBroken(RuntimeError):
+    """A rank failed mid-request; the gang's ranks are no longer in step and the process must exit."""
