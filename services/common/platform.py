@@ -69,6 +69,12 @@ class Platform:
             return "cpu"
         return str(_accelerator_module(self.kind).get_device_name(index))
 
+    def share_host(self, processes_per_host: int) -> None:
+        """Several gang ranks on one host: on CPU each takes its share of the cores rather than all of them
+        (accelerator ranks each own a device and need nothing here)."""
+        if self.kind == "cpu" and processes_per_host > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_per_host))
+
     def default_dtype(self) -> torch.dtype:
         """float32 on CPU (exact, and bf16 matmuls are slow there); bfloat16 on accelerators."""
         return torch.float32 if self.kind == "cpu" else torch.bfloat16

@@ -1,23 +1,35 @@
 """Denoiser stage gRPC server: params + embeddings in, a progress event per step and the latents out.
 
-One device for now; the gang (rank 0 serves, all ranks compute) slots in behind the same servicer.
+On one device the servicer drives a `DenoiserEngine`. With `--devices N` (or torch.distributed's env) the
+process is one rank of a gang: rank 0 serves gRPC with the same servicer over a `GangDenoiserEngine`,
+which hands each request to the other ranks; they run `follow()` until the leader stops.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
+import signal
+import sys
 import threading
 
 import grpc
 
 from diffmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
+from services.common import logs
 from services.common.errors import InvalidArgument
-from services.common.models import check_model
-from services.common.server import AdmissionGate, rpc_method
-from services.common.stage import StageSpec, stage_main
+from services.common.models import check_model, resolve_model_dir
+from services.common.platform import select_platform
+from services.common.server import AdmissionGate, StartupError, rpc_method, run_server, run_until_stopped
+from services.common.stage import StageSpec, add_stage_arguments, serve_stage, setup_stage, write_port_file
 from services.common.tensors import iter_chunks, receive_params_and_tensors
 from services.denoiser.engine import DenoiseParams, DenoiserEngine
+from services.denoiser.gang.distributed import Gang, env_rank
+from services.denoiser.gang.engine import GangDenoiserEngine
+from services.denoiser.gang.launcher import launch_gang
+from services.denoiser.gang.layout import GangLayout, LayoutError
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +113,92 @@ SPEC = StageSpec(
 )
 
 
+def add_gang_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    gang = parser.add_argument_group("gang", "several devices serving each request together "
+                                     "(devices = cfg x ring x ulysses x tp)")
+    gang.add_argument("--devices", type=int, default=None,
+                      help="processes/devices in the gang (default 1, or $WORLD_SIZE when launched by torchrun)")
+    gang.add_argument("--ulysses", type=int, default=None, help="Ulysses sequence-parallel degree (heads all-to-all)")
+    gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree")
+    gang.add_argument("--cfg-parallel", action="store_true",
+                      help="conditional and unconditional branches on different devices (degree 2)")
+    gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (heads and FFN sharded)")
+    return parser
+
+
+def resolve_layout(args: argparse.Namespace, world_size: int | None) -> GangLayout:
+    """The layout from the flags; `world_size` is the gang's when torch.distributed's env says we are in one."""
+    devices = args.devices or world_size or 1
+    if world_size is not None and devices != world_size:
+        raise LayoutError(f"--devices {devices} but WORLD_SIZE is {world_size}")
+    return GangLayout.resolve(devices, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses, ring=args.ring, tp=args.tp)
+
+
+def check_layout_for_model(layout: GangLayout, args: argparse.Namespace) -> None:
+    """Before any process starts: the model must split this way, and the devices must exist."""
+    model = resolve_model_dir(args.model, args.model_name)
+    config = model.config("transformer")
+    layout.check_model(int(config["num_attention_heads"]), int(config["ffn_dim"]))
+    platform = select_platform(args.device)
+    if platform.kind != "cpu" and platform.device_count() < layout.world_size:
+        raise LayoutError(f"{layout.world_size} {platform.kind} devices requested, {platform.device_count()} visible")
+
+
+async def serve_gang_rank(args: argparse.Namespace, rank: int, world_size: int, local_rank: int) -> None:
+    """One rank of a gang: load the shard of the model this rank needs, then serve (rank 0) or follow."""
+    platform, model, dtype = setup_stage("denoiser", args)
+    logs.configure("denoiser", rank)
+    if rank != 0:
+        # The leader decides when the gang stops (after draining); a Ctrl-C in the terminal reaches every
+        # rank at once, and a worker leaving first would strand the leader inside a collective.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        layout = resolve_layout(args, world_size)
+        gang = await asyncio.to_thread(Gang, layout, platform, rank, local_rank)
+        platform.share_host(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        engine = await asyncio.to_thread(GangDenoiserEngine, model, platform, dtype, gang)
+    except (LayoutError, RuntimeError, OSError) as error:
+        raise StartupError(str(error)) from error
+    await asyncio.to_thread(gang.barrier)      # every rank loaded before the leader reports SERVING
+    if rank != 0:
+        await asyncio.to_thread(engine.follow)
+        gang.close()
+        return
+    logger.info("gang of %d ready: %s", layout.world_size, layout.describe())
+    try:
+        await run_server(
+            services=[(SPEC.add_to_server, DenoiserServicer(engine, args.max_queue), SPEC.service_name)],
+            host=args.host, port=args.port, grace_seconds=args.grace,
+            on_started=(lambda port: write_port_file(args.port_file, str(port))) if args.port_file else None,
+        )
+    finally:
+        await asyncio.to_thread(engine.release)
+        gang.close()
+
+
 def main(argv: list[str] | None = None) -> None:
-    stage_main(SPEC, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = add_gang_arguments(add_stage_arguments(argparse.ArgumentParser(prog="diffmesh serve denoiser"),
+                                                    DEFAULT_PORT))
+    args = parser.parse_args(argv)
+    try:
+        joined = env_rank()
+        layout = resolve_layout(args, joined[1] if joined else None)
+        if joined is None and layout.world_size > 1:
+            logs.configure("denoiser")
+            check_layout_for_model(layout, args)
+    except (LayoutError, RuntimeError, OSError, ValueError) as error:
+        logs.configure("denoiser")
+        logger.error("cannot start: %s", error)
+        raise SystemExit(1) from None
+    if joined is not None:
+        run_until_stopped(serve_gang_rank(args, *joined))
+    elif layout.world_size > 1:
+        raise SystemExit(launch_gang(__name__ if __name__ != "__main__" else "services.denoiser.server", argv,
+                                     layout.world_size, args.grace))
+    else:
+        run_until_stopped(serve_stage(SPEC, args))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -66,7 +68,13 @@ class GangDenoiserEngine(DenoiserEngine):
         self.check_embeddings(params, prompt_embeds, negative_prompt_embeds)
         negative = negative_prompt_embeds if params.guided else None
         self.gang.broadcast_message(DenoiseMessage(params, prompt_embeds.cpu(), None if negative is None else negative.cpu()))
-        return self._run_guarded(params, prompt_embeds, negative, on_step, lambda: self.gang.any_rank(cancelled()))
+        try:
+            return self._run_guarded(params, prompt_embeds, negative, on_step,
+                                     lambda: self.gang.any_rank(cancelled()))
+        except GangBroken:
+            # Let the error reach the client, then exit so the launcher (or Kubernetes) restarts the gang.
+            threading.Timer(1.0, os._exit, (1,)).start()
+            raise
 
     def release(self) -> None:
         """Tell the other ranks to exit (the leader is shutting down)."""

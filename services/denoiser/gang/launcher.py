@@ -1,0 +1,85 @@
+"""`diffmesh serve denoiser --devices N` on one host: start one process per device and watch them.
+
+Each child gets torch.distributed's usual environment (rank, world size, local rank, a free master port on
+loopback), exactly what torchrun or a Kubernetes controller would give it, so the same child code serves a
+gang spanning hosts. If any rank dies, the gang cannot go on in step: the launcher stops the rest and
+exits non-zero, so a supervisor (docker, Kubernetes, `diffmesh up`) restarts it whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def launch_gang(module: str, argv: list[str], devices: int, grace_seconds: float) -> int:
+    """Run `python -m module argv` as ranks 0..devices-1; return the exit code for the launcher."""
+    master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices),
+              "LOCAL_WORLD_SIZE": str(devices)}
+    children = []
+    for rank in range(devices):
+        env = {**os.environ, **master, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        children.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+    logger.info("started a gang of %d processes (pids %s)", devices, [child.pid for child in children])
+
+    stopping = False
+
+    def forward_stop(signum, frame) -> None:
+        # Only the leader drains (it finishes or cancels the request in flight, then releases the others).
+        nonlocal stopping
+        stopping = True
+        if children[0].poll() is None:
+            children[0].send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward_stop)
+    signal.signal(signal.SIGINT, forward_stop)
+
+    exit_code = 0
+    while True:
+        codes = [child.poll() for child in children]
+        if all(code is not None for code in codes):
+            break
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        leader_done = codes[0] is not None
+        if failed or (leader_done and not stopping):
+            if failed:
+                rank, code = failed[0]
+                logger.error("gang rank %d exited with code %d; stopping the gang", rank, code)
+            else:
+                logger.error("gang leader exited; stopping the gang")
+            exit_code = 1
+            _stop_all(children, grace_seconds=5.0)
+            break
+        if leader_done:
+            # The leader released the others; give them a moment to leave their process groups.
+            _stop_all(children, grace_seconds=10.0)
+            break
+        time.sleep(POLL_SECONDS)
+    codes = [child.wait() for child in children]
+    if any(code != 0 for code in codes):
+        exit_code = 1
+    return exit_code
+
+
+def _stop_all(children: list[subprocess.Popen], grace_seconds: float) -> None:
+    deadline = time.monotonic() + grace_seconds
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()

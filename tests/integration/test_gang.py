@@ -1,0 +1,162 @@
+"""The denoiser gang through its real gRPC service: every layout returns the single-device latents.
+
+Each gang is `diffmesh serve denoiser --devices N ...` on the CPU (gloo), its ranks separate processes; the
+reference is a one-device denoiser server. Requests go over gRPC exactly as the gateway sends them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from diffmesh.v1 import denoiser_pb2, denoiser_pb2_grpc
+from services.common.tensors import TensorAssembler, iter_chunks
+
+START_TIMEOUT_S = 180
+REL_L2_TOLERANCE = 1e-5
+
+# 48x80 px, 9 frames -> 3x3x5 = 45 tokens: divides by neither 2 nor 4, so padding and trimming are exercised.
+# 32x64 px, 5 frames, two outputs, unguided -> 2x2x4 = 16 tokens per sample.
+REQUESTS = {
+    "guided-45-tokens": dict(width=80, height=48, num_frames=9, num_inference_steps=3, guidance_scale=5.0,
+                             seed=7, num_outputs=1),
+    "unguided-16-tokens-x2": dict(width=64, height=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0,
+                                  seed=3, num_outputs=2),
+}
+
+LAYOUTS = {
+    "ulysses2": ["--devices", "2", "--ulysses", "2"],
+    "ring2": ["--devices", "2", "--ring", "2"],
+    "cfg2": ["--devices", "2", "--cfg-parallel"],
+    "tp2": ["--devices", "2", "--tp", "2"],
+    "ulysses4": ["--devices", "4", "--ulysses", "4"],
+    "ring4": ["--devices", "4", "--ring", "4"],
+    "ulysses2-ring2": ["--devices", "4", "--ulysses", "2", "--ring", "2"],
+    "cfg2-ulysses2": ["--devices", "4", "--cfg-parallel", "--ulysses", "2"],
+    "tp2-ulysses2": ["--devices", "4", "--tp", "2", "--ulysses", "2"],
+    "tp4": ["--devices", "4", "--tp", "4"],
+}
+
+
+class DenoiserProcess:
+    """`diffmesh serve denoiser ...` in its own process, on a free port."""
+
+    def __init__(self, model_dir: pathlib.Path, tmp: pathlib.Path, extra: list[str]) -> None:
+        port_file = tmp / f"port-{time.monotonic_ns()}"
+        argv = [sys.executable, "-m", "diffmesh.cli", "serve", "denoiser", "--model", str(model_dir),
+                "--device", "cpu", "--port", "0", "--port-file", str(port_file), *extra]
+        self.log: list[str] = []
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError("denoiser did not start:\n" + "".join(self.log[-40:]))
+            time.sleep(0.1)
+        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        self.stub = denoiser_pb2_grpc.DenoiserStub(grpc.insecure_channel(self.address))
+
+    def stop(self) -> int:
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def embeddings(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 11, 32, generator=generator), torch.randn(1, 11, 32, generator=generator)
+
+
+def request_messages(params: dict, request_id: str = "gang-test"):
+    prompt, negative = embeddings(params["seed"])
+    yield denoiser_pb2.DenoiseRequest(params=denoiser_pb2.DenoiseParams(request_id=request_id, **params))
+    for name, tensor in (("prompt_embeds", prompt), ("negative_prompt_embeds", negative)):
+        for chunk in iter_chunks(name, tensor):
+            yield denoiser_pb2.DenoiseRequest(tensor=chunk)
+
+
+def denoise(stub, params: dict) -> tuple[torch.Tensor, int]:
+    assembler, steps = TensorAssembler(), 0
+    for event in stub.Denoise(request_messages(params), timeout=120):
+        if event.WhichOneof("item") == "progress":
+            steps += 1
+        else:
+            assembler.add(event.tensor)
+    return assembler.finish()["latents"], steps
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
+    single = DenoiserProcess(model_dir, tmp_path_factory.mktemp("single"), [])
+    try:
+        return {name: denoise(single.stub, params)[0] for name, params in REQUESTS.items()}
+    finally:
+        single.stop()
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_gang_returns_the_single_device_latents(model_dir, tmp_path, reference, layout):
+    gang = DenoiserProcess(model_dir, tmp_path, LAYOUTS[layout])
+    try:
+        for name, params in REQUESTS.items():
+            latents, steps = denoise(gang.stub, params)
+            assert steps == params["num_inference_steps"], name
+            assert latents.shape == reference[name].shape, name
+            error = relative_l2(latents, reference[name])
+            assert error <= REL_L2_TOLERANCE, f"{layout} {name}: relative L2 error {error:.2e}"
+    finally:
+        assert gang.stop() == 0, "".join(gang.log[-30:])
+
+
+def test_cancelled_request_stops_every_rank_and_the_gang_serves_the_next(model_dir, tmp_path, reference):
+    gang = DenoiserProcess(model_dir, tmp_path, ["--devices", "2", "--ulysses", "2"])
+    try:
+        long_request = dict(REQUESTS["guided-45-tokens"], num_inference_steps=200)
+        call = gang.stub.Denoise(request_messages(long_request, request_id="to-cancel"), timeout=120)
+        started = time.monotonic()
+        for event in call:
+            if event.WhichOneof("item") == "progress" and event.progress.step >= 2:
+                call.cancel()
+                break
+        with pytest.raises(grpc.RpcError) as raised:
+            next(call)
+        assert raised.value.code() == grpc.StatusCode.CANCELLED
+        # The gang is free again long before 200 steps would have finished, and still correct.
+        latents, _ = denoise(gang.stub, REQUESTS["guided-45-tokens"])
+        assert time.monotonic() - started < 60
+        assert relative_l2(latents, reference["guided-45-tokens"]) <= REL_L2_TOLERANCE
+    finally:
+        assert gang.stop() == 0, "".join(gang.log[-30:])
+    log = "".join(gang.log)
+    assert "cancelled at step" in log
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--devices", "4", "--ulysses", "2"], "must equal --devices"),
+    (["--devices", "3", "--cfg-parallel"], "even number"),
+    (["--devices", "3", "--ulysses", "3"], "not divisible by ulysses 3"),
+    (["--devices", "2", "--tp", "2", "--ring", "2"], "do not match the layout"),
+])
+def test_bad_layout_fails_at_start_with_one_clear_line(model_dir, flags, message):
+    result = subprocess.run([sys.executable, "-m", "diffmesh.cli", "serve", "denoiser", "--model", str(model_dir),
+                             "--device", "cpu", "--port", "0", *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
