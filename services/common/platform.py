@@ -60,6 +60,10 @@ class Platform:
             return 0
         return int(_accelerator_module(self.kind).max_memory_allocated())
 
+    def reset_peak_memory(self) -> None:
+        if self.kind != "cpu":
+            _accelerator_module(self.kind).reset_peak_memory_stats()
+
     def empty_cache(self) -> None:
         if self.kind != "cpu":
             _accelerator_module(self.kind).empty_cache()

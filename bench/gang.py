@@ -1,0 +1,299 @@
+"""The denoiser gang on GPUs: per-step time, speedup, peak memory and error of every layout, against
+diffusers' single-GPU transformer and diffusers' own context parallelism timed in the same run.
+
+Model: Wan2.1-T2V-1.3B's transformer config (30 layers, 12 heads x 128, ffn 8960), random weights in bf16,
+written once by bench/wan_shapes_model.py and loaded by the gang exactly as the server loads it (TP ranks read
+only their shard). Inputs: 81 frames (21 latent frames) at 480x832 and 720x1280, 512 text tokens.
+
+Per layout and size, rank 0 reports:
+  forward_ms      one transformer forward (what diffusers' peers time); not for cfg layouts
+  guided_step_ms  one guided noise prediction (cond + uncond + combine), the denoiser's real step
+  speedup         one GPU's time / this layout's (forward for SP/TP, guided step for CFG-parallel)
+  peak_gib        the largest per-device peak across ranks
+  rel_err         relative L2 error of the output against the one-GPU output
+
+    python bench/gang.py --gpus 4                        # every layout that fits, both sizes
+    python bench/gang.py --gpus 2 --sizes 480 --layouts 1,ulysses2,cfg2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform as host
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SIZES = {480: (480, 832), 720: (720, 1280)}
+FRAMES = 81
+TEXT_TOKENS = 512
+GUIDANCE = 5.0
+
+# name -> layout flags (devices = product)
+LAYOUTS = {
+    "1": {},
+    "ulysses2": {"ulysses": 2}, "ring2": {"ring": 2}, "tp2": {"tp": 2}, "cfg2": {"cfg": 2},
+    "ulysses4": {"ulysses": 4}, "ring4": {"ring": 4}, "tp4": {"tp": 4},
+    "ulysses2-ring2": {"ulysses": 2, "ring": 2}, "cfg2-ulysses2": {"cfg": 2, "ulysses": 2},
+}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'480' / '720' (Wan's sizes) or 'HxW'."""
+    if "x" in text:
+        height, width = (int(v) for v in text.split("x"))
+        return height, width
+    return SIZES[int(text)]
+
+
+def layout_size(flags: dict) -> int:
+    size = 1
+    for degree in flags.values():
+        size *= degree
+    return size
+
+
+# The worker: one rank of a gang ---------------------------------------------------------------------------
+
+
+def timed(fn, sync, barrier, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        sync()
+        barrier()
+        started = time.perf_counter()
+        fn()
+        sync()
+        runs.append((time.perf_counter() - started) * 1000)
+    return statistics.median(runs), runs
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from services.common.models import resolve_model_dir
+    from services.common.platform import set_platform
+    from services.denoiser.gang.distributed import Gang
+    from services.denoiser.gang.engine import GangDenoiserEngine
+    from services.denoiser.gang.layout import GangLayout
+
+    flags = LAYOUTS[args.layout]
+    layout = GangLayout(**flags)
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    platform = set_platform(args.device)
+    if layout.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.master_port))
+    gang = Gang(layout, platform, rank, local_rank)
+    started = time.perf_counter()
+    engine = GangDenoiserEngine(resolve_model_dir(args.model), platform, torch.bfloat16, gang)
+    load_s = time.perf_counter() - started
+    device = engine.device
+
+    def barrier() -> None:
+        gang.barrier()
+
+    rows = []
+    for size in args.sizes:
+        height, width = parse_size(size)
+        generator = torch.Generator().manual_seed(1)
+        latents = torch.randn(1, engine.latent_channels, (args.frames - 1) // 4 + 1, height // 8, width // 8,
+                              generator=generator)
+        text = torch.randn(1, TEXT_TOKENS, engine.text_dim, generator=generator)
+        negative = torch.randn(1, TEXT_TOKENS, engine.text_dim, generator=generator)
+        latents, text, negative = (t.to(device, torch.bfloat16) for t in (latents, text, negative))
+        timestep = torch.full((1,), 500.0, device=device)
+        platform.empty_cache()
+        platform.reset_peak_memory()
+
+        def forward(latents=latents, timestep=timestep, text=text):
+            return engine.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)[0]
+
+        def guided(latents=latents, timestep=timestep, text=text, negative=negative):
+            return engine.predict_noise(latents, timestep, text, negative, GUIDANCE)
+
+        row = {"layout": args.layout, "devices": layout.world_size, "size": f"{args.frames}x{height}x{width}",
+               "load_s": round(load_s, 1)}
+        with torch.inference_mode():
+            if layout.cfg == 1:
+                row["forward_ms"], runs = timed(forward, platform.synchronize, barrier, args.warmup, args.repeats)
+                row["forward_runs_ms"] = [round(r, 1) for r in runs]
+                output = forward()
+            row["guided_step_ms"], runs = timed(guided, platform.synchronize, barrier, args.warmup, args.repeats)
+            row["guided_runs_ms"] = [round(r, 1) for r in runs]
+            guided_output = guided()
+        peak = torch.tensor([platform.max_memory_allocated() / 2**30], device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        row["peak_gib"] = round(float(peak), 2)
+        if rank == 0:
+            reference_dir = pathlib.Path(args.reference_dir)
+            reference_dir.mkdir(parents=True, exist_ok=True)
+            outputs = {"guided": guided_output.float().cpu()}
+            if layout.cfg == 1:
+                outputs["forward"] = output.float().cpu()
+            for name, value in outputs.items():
+                path = reference_dir / f"{name}-{size}.pt"
+                if args.layout == "1":
+                    torch.save(value, path)
+                elif path.exists():
+                    reference = torch.load(path)
+                    row[f"rel_err_{name}"] = float((value - reference).norm() / reference.norm())
+            print("RESULT " + json.dumps(row), flush=True)
+        rows.append(row)
+    gang.close()
+    return 0
+
+
+# The driver: every layout, then the peers ------------------------------------------------------------------
+
+
+def run_ranks(argv: list[str], world: int, env_extra: dict | None = None, timeout: float = 1200) -> list[dict]:
+    """Start `world` processes with torch.distributed's env; return rank 0's RESULT rows."""
+    from services.denoiser.gang.launcher import free_port
+
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), **(env_extra or {})}
+    processes = [subprocess.Popen([sys.executable, *argv], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT if r == 0 else None, text=True)
+                 for r in range(world)]
+    output, _ = processes[0].communicate(timeout=timeout)
+    codes = [p.wait(timeout=60) for p in processes]
+    rows = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
+    if any(codes) or not rows:
+        tail = "\n".join(output.splitlines()[-15:])
+        return [{"error": f"exit codes {codes}", "log_tail": tail}]
+    return rows
+
+
+def driver(args: argparse.Namespace) -> int:
+    from services.common.platform import select_platform
+
+    device_platform = select_platform(args.device)
+    gpus = args.gpus or device_platform.device_count()
+    model = pathlib.Path(args.model)
+    if not (model / "model_index.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "bench" / "wan_shapes_model.py"), str(model), "--device",
+                        device_platform.kind], check=True)
+    chosen = args.layouts.split(",") if args.layouts else list(LAYOUTS)
+    chosen = [name for name in chosen if layout_size(LAYOUTS[name]) <= gpus]
+    if "1" in chosen:
+        chosen.remove("1")
+    chosen.insert(0, "1")                       # the reference every other layout is compared with
+    sizes = ",".join(args.sizes)
+    results, peers = [], []
+    # The peers first, so a run cut short still has them to compare with.
+    if not args.skip_peers and device_platform.kind == "cuda":
+        for size in [s for s in args.sizes if s in ("480", "720")]:
+            for world, mode in [(1, "ulysses"), *[(w, "ulysses") for w in (2, 4) if w <= gpus],
+                                *([(2, "ring")] if gpus >= 2 else [])]:
+                rows = run_ranks([str(ROOT / "bench" / "peers" / "diffusers_cp.py")], world,
+                                 {"MODE": mode, "SIZE": str(size)})
+                for row in rows:
+                    row.update(peer="diffusers", requested_mode=mode, devices=world, size_key=size)
+                    print(json.dumps(row), flush=True)
+                peers.extend(rows)
+                write_report(args, device_platform, gpus, model, results, peers)
+
+    for name in chosen:
+        world = layout_size(LAYOUTS[name])
+        started = time.monotonic()
+        rows = run_ranks([__file__, "worker", "--layout", name, "--model", str(model), "--sizes", sizes,
+                          "--reference-dir", args.reference_dir, "--warmup", str(args.warmup),
+                          "--repeats", str(args.repeats), "--device", device_platform.kind,
+                          "--frames", str(args.frames)], world)
+        for row in rows:
+            row.setdefault("layout", name)
+            print(json.dumps(row), flush=True)
+        results.extend(rows)
+        print(f"# {name}: {time.monotonic() - started:.0f}s", flush=True)
+        write_report(args, device_platform, gpus, model, results, peers)
+
+    path = write_report(args, device_platform, gpus, model, results, peers)
+    print(f"wrote {path}")
+    print_table(results, peers)
+    return 0
+
+
+def write_report(args, device_platform, gpus: int, model: pathlib.Path, results: list[dict],
+                 peers: list[dict]) -> pathlib.Path:
+    """Write (or rewrite, after each layout, so a run cut short still leaves its numbers) the results file."""
+    import diffusers
+    import torch
+
+    single = {row["size"]: row for row in results if row.get("layout") == "1" and "error" not in row}
+    for row in results:
+        base = single.get(row.get("size"))
+        if not base or "error" in row:
+            continue
+        if "forward_ms" in row:
+            row["speedup"] = round(base["forward_ms"] / row["forward_ms"], 2)
+        row["guided_speedup"] = round(base["guided_step_ms"] / row["guided_step_ms"], 2)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    report = {
+        "benchmark": "gang", "date": now.isoformat(timespec="seconds"), "device": device_platform.device_name(),
+        "gpus": gpus, "platform": device_platform.kind, "dtype": "bfloat16", "python": host.python_version(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "model": str(model), "frames": args.frames,
+        "text_tokens": TEXT_TOKENS, "guidance_scale": GUIDANCE, "warmup": args.warmup, "repeats": args.repeats,
+        "results": results, "peers": peers,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gang-{device_platform.kind}-{gpus}gpu{args.tag}-{now:%Y-%m-%d}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
+
+
+def print_table(results: list[dict], peers: list[dict]) -> None:
+    print(f"{'layout':16} {'size':14} {'fwd ms':>9} {'guided ms':>10} {'speedup':>8} {'peak GiB':>9} {'rel err':>9}")
+    for row in results:
+        if "error" in row:
+            print(f"{row['layout']:16} ERROR {row['error']}")
+            continue
+        print(f"{row['layout']:16} {row['size']:14} {row.get('forward_ms', float('nan')):9.1f} "
+              f"{row['guided_step_ms']:10.1f} {row.get('speedup', row.get('guided_speedup', 1.0)):8.2f} "
+              f"{row['peak_gib']:9.2f} {row.get('rel_err_forward', row.get('rel_err_guided', 0.0)):9.2e}")
+    for row in peers:
+        if "error" in row:
+            print(f"diffusers {row['requested_mode']}{row['devices']} size {row['size_key']}: ERROR")
+        else:
+            print(f"diffusers {row['mode']:8} x{row['world']} {row['size']}p: {row['step_ms']} ms, "
+                  f"peak {row['peak_gib']} GiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("role", nargs="?", default="driver", choices=["driver", "worker"])
+    parser.add_argument("--model", default="/tmp/wan2.1-1.3b-shapes", help="written on first use")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--gpus", type=int, default=None, help="default: every visible device")
+    parser.add_argument("--layouts", default=None, help=f"comma-separated, from {','.join(LAYOUTS)}")
+    parser.add_argument("--sizes", type=lambda s: s.split(","), default=["480", "720"], help="480, 720 or HxW")
+    parser.add_argument("--frames", type=int, default=FRAMES)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--reference-dir", default="/tmp/diffmesh-gang-reference")
+    parser.add_argument("--layout", default="1", help="worker: the layout to run")
+    parser.add_argument("--master-port", type=int, default=29511)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--tag", default="", help="appended to the results file name, e.g. -720p")
+    args = parser.parse_args()
+    return worker(args) if args.role == "worker" else driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
