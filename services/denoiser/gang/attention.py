@@ -24,12 +24,16 @@ def _lse_flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
 
 
 def _lse_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+    head_dim = q.shape[-1]
+    if q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and head_dim % 8 == 0:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
         return out, lse
-    # Flash has no float32; memory-efficient attention does, and pads its LSE to a multiple of 32 queries.
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-    return out, lse[..., : q.shape[-2]]
+    # Flash has no float32 and wants head sizes in multiples of 8; memory-efficient attention covers float32
+    # (its LSE is padded to a multiple of 32 queries); anything neither takes falls back to the math kernel.
+    if head_dim % 8 == 0:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out, lse[..., : q.shape[-2]]
+    return _lse_math(q, k, v)
 
 
 def _lse_fused_overrideable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
