@@ -82,6 +82,18 @@ class Mesh:
                 child.wait()
 
 
+def gang_flags(args: argparse.Namespace) -> list[str]:
+    """`diffmesh up`'s gang flags, passed on to the denoiser (which validates the layout)."""
+    flags = []
+    for name in ("devices", "ulysses", "ring", "tp"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name}", str(value)]
+    if args.cfg_parallel:
+        flags.append("--cfg-parallel")
+    return flags
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.common.models import resolve_model_dir
 
@@ -105,7 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         ports = pathlib.Path(tmp)
         try:
             for stage in ("encoder", "denoiser", "decoder"):
-                mesh.spawn(stage, [*common, "--port", "0", "--port-file", str(ports / stage)])
+                extra = gang_flags(args) if stage == "denoiser" else []
+                mesh.spawn(stage, [*common, *extra, "--port", "0", "--port-file", str(ports / stage)])
             addresses = {
                 stage: f"{args.host}:{mesh.wait_for_file(stage, ports / stage, args.start_timeout)}"
                 for stage in ("encoder", "denoiser", "decoder")
@@ -219,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--default-size", default=None, metavar="WxH", help="size when a request gives none")
     up.add_argument("--default-steps", type=int, default=None, help="steps when a request gives none")
     up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for every service")
+    gang = up.add_argument_group("denoiser gang", "the denoiser on several devices (devices = cfg x ring x ulysses x tp)")
+    gang.add_argument("--devices", type=int, default=None, help="devices in the denoiser gang (default 1)")
+    gang.add_argument("--ulysses", type=int, default=None, help="Ulysses sequence-parallel degree")
+    gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree")
+    gang.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on different devices")
+    gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="generate an image (.png) or a video (.mp4) through a running gateway")

@@ -59,16 +59,23 @@ LSE_KERNELS = {
 # Ulysses: sequence-sharded <-> head-sharded ---------------------------------------------------------------
 
 
-def tokens_to_heads(x: torch.Tensor, ulysses: AxisGroup) -> torch.Tensor:
-    """[n, B, s, h, d] (this rank's s tokens, all h heads) -> [n, B, h/U, U*s, d] (the U ranks' tokens in
-    order, this rank's h/U heads), in SDPA's layout. n stacks q, k and v into one all-to-all."""
-    n, batch, tokens, heads, dim = x.shape
-    degree = ulysses.size
-    send = x.reshape(n, batch, tokens, degree, heads // degree, dim).permute(3, 0, 1, 4, 2, 5).contiguous()
+def tokens_to_heads(tensors: list[torch.Tensor], heads: int, ulysses: AxisGroup) -> torch.Tensor:
+    """Each [B, s, h*d] tensor (this rank's s tokens, all h heads) -> the U ranks' tokens on this rank's h/U
+    heads, returned as one [U (source rank), n, B, h/U, s, d] buffer; `block_view` reads a tensor from it.
+    All n tensors travel in one all-to-all, each copied once into the send buffer."""
+    batch, tokens, width = tensors[0].shape
+    degree, dim = ulysses.size, width // heads
+    send = tensors[0].new_empty((degree, len(tensors), batch, heads // degree, tokens, dim))
+    for index, tensor in enumerate(tensors):
+        send[:, index].copy_(tensor.view(batch, tokens, degree, heads // degree, dim).permute(2, 0, 3, 1, 4))
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=ulysses.group)
-    # received: [U (source rank = token slice), n, B, h/U, s, d]
-    return received.permute(1, 2, 3, 0, 4, 5).reshape(n, batch, heads // degree, degree * tokens, dim)
+    return received
+
+
+def block_view(received: torch.Tensor, index: int) -> torch.Tensor:
+    """[B, h/U, U, s, d] view of tensor `index` of `tokens_to_heads`' buffer: the ring block's U*s tokens."""
+    return received[:, index].permute(1, 2, 0, 3, 4)
 
 
 def heads_to_tokens(x: torch.Tensor, ulysses: AxisGroup) -> torch.Tensor:
@@ -127,11 +134,12 @@ def _merge(out, lse, block_out, block_lse):
 
 
 def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding, the same operations as diffusers' WanAttnProcessor (so numbers match)."""
+    """Wan's rotary embedding, the same operations as diffusers' WanAttnProcessor (so numbers match). The
+    result is contiguous whatever x's strides, which lets it double as the copy out of a permuted view."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
     sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
@@ -149,18 +157,16 @@ class SequenceParallelAttention:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None:
-            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-
-        qkv = torch.stack((query, key, value))                      # [3, B, s, h, d]
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
         if self.ulysses.size > 1:
-            qkv = tokens_to_heads(qkv, self.ulysses)                # [3, B, h/U, U*s, d]
+            q, k, v = self._exchange_heads(attn.heads, query, key, value, rotary_emb)
         else:
-            qkv = qkv.transpose(2, 3)
-        q, k, v = qkv.unbind(0)
+            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+            if rotary_emb is not None:
+                query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))      # [B, h, s, d]
         if self.ring.size > 1:
             out = ring_attention(q, k, v, self.ring, self.valid_keys, self.lse_kernel)
         else:
@@ -173,3 +179,17 @@ class SequenceParallelAttention:
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def _exchange_heads(self, heads: int, query, key, value, rotary_emb):
+        """Ulysses: this rank's tokens on all heads -> the ring block's tokens on h/U heads, [B, h/U, U*s, d].
+        Rotary runs after the exchange (it is per token and head, so the numbers are the same) and writes
+        q and k contiguously, so the exchange costs one copy into the send buffer and none out of it."""
+        received = tokens_to_heads([query, key, value], heads, self.ulysses)
+        q, k, v = (block_view(received, index) for index in range(3))       # [B, h/U, U, s, d] views
+        batch, local_heads, degree, tokens, dim = q.shape
+        if rotary_emb is not None:
+            # The block's frequencies, [1, U*s, 1, d] -> [1, 1, U, s, d] to match.
+            cos, sin = (f.permute(0, 2, 1, 3).unflatten(2, (degree, tokens)) for f in rotary_emb)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (x.reshape(batch, local_heads, degree * tokens, dim) for x in (q, k, v))
+        return q, k, v

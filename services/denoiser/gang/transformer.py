@@ -82,8 +82,14 @@ class ParallelTransformer:
         for processor in self.processors:
             processor.valid_keys = valid_keys
 
+        # Rotary frequencies for the tokens attention sees them on: Ulysses applies them after its exchange,
+        # to the ring block's tokens; otherwise to this rank's own.
         freqs_cos, freqs_sin = model.rope(hidden_states)                       # [1, S, 1, d]
-        rotary = (local_slice(freqs_cos, 1, start, per_rank), local_slice(freqs_sin, 1, start, per_rank))
+        if self.ulysses.size > 1:
+            rotary_start, rotary_length = self.ring.index * block, block
+        else:
+            rotary_start, rotary_length = start, per_rank
+        rotary = tuple(local_slice(f, 1, rotary_start, rotary_length) for f in (freqs_cos, freqs_sin))
         patches = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, S, D]
         x = local_slice(patches, 1, start, per_rank).contiguous()
 
