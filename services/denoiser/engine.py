@@ -2,7 +2,8 @@
 
 Mirrors `WanPipeline.__call__` steps 4-6 (timesteps, latent preparation, denoising loop), so for the same
 weights, seed and sizes it returns the latents diffusers returns. No I/O here: the server feeds it tensors
-and receives a callback per step. The gang (several devices) will replace `predict_noise` only.
+and receives a callback per step. The gang (services/denoiser/gang/) overrides `load_transformer` and
+`predict_noise` and runs this same loop on every rank.
 """
 
 from __future__ import annotations

@@ -160,3 +160,22 @@ def test_bad_layout_fails_at_start_with_one_clear_line(model_dir, flags, message
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_diffmesh_up_with_a_cfg_parallel_gang_generates_what_the_one_device_mesh_does(mesh, model_dir):
+    """The whole mesh (gateway -> encoder -> gang -> decoder) with `diffmesh up --devices 2 --cfg-parallel`."""
+    from diffmesh.client import GatewayClient
+    from diffmesh.v1 import gateway_pb2
+    from tests.integration.conftest import start_mesh, stop_mesh
+
+    request = gateway_pb2.GenerateRequest(prompt="a red fox running through snow", negative_prompt="blurry",
+                                          seed=11, num_inference_steps=3, width=48, height=32, num_frames=5,
+                                          guidance_scale=4.0, return_latents=True, return_frames=True)
+    expected = GatewayClient(mesh.grpc_address).generate(request, timeout=300).tensors
+    gang_mesh = start_mesh(model_dir, ["--device", "cpu", "--devices", "2", "--cfg-parallel"])
+    try:
+        got = GatewayClient(gang_mesh.grpc_address).generate(request, timeout=300).tensors
+    finally:
+        assert stop_mesh(gang_mesh) == 0, "".join(gang_mesh.log[-30:])
+    assert relative_l2(got["latents"], expected["latents"]) <= REL_L2_TOLERANCE
+    assert (got["frames"].float() - expected["frames"].float()).abs().max() <= 1e-4
