@@ -64,11 +64,17 @@ class StageSpec:
 async def serve_stage(spec: StageSpec, args: argparse.Namespace) -> None:
     """Load the model, then serve until SIGTERM. Health turns SERVING only once the engine is ready."""
     platform, model, dtype = setup_stage(spec.name, args)
-    engine = spec.engine_class(model, platform, dtype)
+    await serve_engine(spec, args, spec.engine_class(model, platform, dtype))
+
+
+async def serve_engine(spec: StageSpec, args: argparse.Namespace, engine) -> None:
+    """Serve an engine that is already loaded (a gang's leader builds its own) until SIGTERM."""
     servicer = spec.servicer_class(engine, args.max_queue)
+    port_file = args.port_file
     await run_server(
         services=[(spec.add_to_server, servicer, spec.service_name)],
-        host=args.host, port=args.port, grace_seconds=args.grace, on_started=(lambda port: write_port_file(args.port_file, str(port))) if args.port_file else None,
+        host=args.host, port=args.port, grace_seconds=args.grace,
+        on_started=(lambda port: write_port_file(port_file, str(port))) if port_file else None,
     )
 
 

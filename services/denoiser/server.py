@@ -22,8 +22,8 @@ from services.common import logs
 from services.common.errors import InvalidArgument
 from services.common.models import check_model, resolve_model_dir
 from services.common.platform import select_platform
-from services.common.server import AdmissionGate, StartupError, rpc_method, run_server, run_until_stopped
-from services.common.stage import StageSpec, add_stage_arguments, serve_stage, setup_stage, write_port_file
+from services.common.server import AdmissionGate, StartupError, rpc_method, run_until_stopped
+from services.common.stage import StageSpec, add_stage_arguments, serve_engine, serve_stage, setup_stage
 from services.common.tensors import iter_chunks, receive_params_and_tensors
 from services.denoiser.engine import DenoiseParams, DenoiserEngine
 from services.denoiser.gang.distributed import Gang, env_rank
@@ -167,11 +167,7 @@ async def serve_gang_rank(args: argparse.Namespace, rank: int, world_size: int, 
         return
     logger.info("gang of %d ready: %s", layout.world_size, layout.describe())
     try:
-        await run_server(
-            services=[(SPEC.add_to_server, DenoiserServicer(engine, args.max_queue), SPEC.service_name)],
-            host=args.host, port=args.port, grace_seconds=args.grace,
-            on_started=(lambda port: write_port_file(args.port_file, str(port))) if args.port_file else None,
-        )
+        await serve_engine(SPEC, args, engine)
     finally:
         await asyncio.to_thread(engine.release)
         gang.close()

@@ -9,6 +9,7 @@ block weights, from loading on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -122,12 +123,14 @@ def load_sharded_transformer(model_class: type, folder: pathlib.Path, tp: AxisGr
     state: dict[str, torch.Tensor] = {}
     expected = dict(model.named_parameters())
     handles = {}
-    try:
+    with contextlib.ExitStack() as open_files:
         for name, parameter in expected.items():
             if name not in files:
                 raise KeyError(f"{name} is missing from the checkpoint in {folder}")
             path = files[name]
-            handle = handles.get(path) or handles.setdefault(path, safe_open(path, framework="pt").__enter__())
+            if path not in handles:
+                handles[path] = open_files.enter_context(safe_open(path, framework="pt"))
+            handle = handles[path]
             tensor_slice = handle.get_slice(name)
             split = plan.get(name)
             if split is None:
@@ -144,9 +147,6 @@ def load_sharded_transformer(model_class: type, folder: pathlib.Path, tp: AxisGr
                 fp32 = any(module in name.split(".") for module in keep_fp32)
                 tensor = tensor.to(torch.float32 if fp32 else dtype)
             state[name] = tensor.to(device)
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
     model.load_state_dict(state, strict=False, assign=True)
     model.to(device)
     loaded = sum(t.numel() for t in state.values())
