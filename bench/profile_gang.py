@@ -1,5 +1,7 @@
 """Where a gang step's time goes: torch.profiler over one transformer forward of one layout, on rank 0,
-kernels summed by name (communication, copies, attention, GEMMs). A diagnostic for bench/gang.py.
+kernels summed by name (communication, copies, attention, GEMMs), then a timeline summary: how long the
+device computed, how long it sat idle, and how much communication ran alone (not hidden behind compute).
+A diagnostic for bench/gang.py.
 
     python bench/profile_gang.py --layout ulysses4 --size 720       # launches the ranks itself
 """
@@ -7,6 +9,7 @@ kernels summed by name (communication, copies, attention, GEMMs). A diagnostic f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import subprocess
@@ -52,7 +55,52 @@ def worker(args: argparse.Namespace) -> None:
             platform.synchronize()
     if rank == 0:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    # Every rank's timeline: a rank that computes slower shows up as waiting in the others' communication.
+    trace = pathlib.Path(args.trace or f"/tmp/profile-{args.layout}-{args.size}.json")
+    trace = trace.with_name(f"{trace.stem}-rank{rank}{trace.suffix}")
+    prof.export_chrome_trace(str(trace))
+    print(json.dumps({"rank": rank, "layout": args.layout, "size": args.size,
+                      **timeline(trace)}), flush=True)
     gang.close()
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def timeline(trace: pathlib.Path) -> dict:
+    """Device time from a chrome trace, in ms: the span from first to last kernel, time with a compute kernel
+    running, time with nothing running, and communication time with no compute beside it (exposed)."""
+    events = [e for e in json.loads(trace.read_text())["traceEvents"]
+              if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    comm = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if "nccl" in e["name"].lower()])
+    compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if "nccl" not in e["name"].lower()])
+    busy = _union(comm + compute)
+    span = (busy[-1][1] - busy[0][0]) if busy else 0.0
+    return {"span_ms": span / 1e3, "compute_ms": _length(compute) / 1e3, "idle_ms": (span - _length(busy)) / 1e3,
+            "communication_ms": _length(comm) / 1e3,
+            "communication_exposed_ms": (_length(comm) - _intersect(comm, compute)) / 1e3}
 
 
 def main() -> int:
@@ -62,6 +110,8 @@ def main() -> int:
     parser.add_argument("--size", default="720")
     parser.add_argument("--model", default="/tmp/wan2.1-1.3b-shapes")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--trace", default=None,
+                        help="chrome trace path; each rank writes NAME-rankR.json (default /tmp/profile-*.json)")
     args = parser.parse_args()
     if args.role == "worker":
         worker(args)
@@ -72,6 +122,8 @@ def main() -> int:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     argv = [sys.executable, __file__, "worker", "--layout", args.layout, "--size", args.size, "--model", args.model,
             "--rows", str(args.rows)]
+    if args.trace:
+        argv += ["--trace", args.trace]
     processes = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
     return max(p.wait() for p in processes)
 

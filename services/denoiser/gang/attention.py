@@ -57,36 +57,33 @@ LSE_KERNELS = {
 
 
 # Ulysses: sequence-sharded <-> head-sharded ---------------------------------------------------------------
+#
+# Everything stays token-major ([B, tokens, heads, d], the layout the projections produce and SDPA reads
+# through a transposed view), so with one sample per request the exchanged tensors need no copy after they
+# arrive: each source rank's block of tokens lands after the previous one. Each tensor travels in its own
+# all-to-all for the same reason (one shared buffer would interleave them).
 
 
-def tokens_to_heads(tensors: list[torch.Tensor], heads: int, ulysses: AxisGroup) -> torch.Tensor:
-    """Each [B, s, h*d] tensor (this rank's s tokens, all h heads) -> the U ranks' tokens on this rank's h/U
-    heads, returned as one [U (source rank), n, B, h/U, s, d] buffer; `block_view` reads a tensor from it.
-    All n tensors travel in one all-to-all, each copied once into the send buffer."""
-    batch, tokens, width = tensors[0].shape
-    degree, dim = ulysses.size, width // heads
-    send = tensors[0].new_empty((degree, len(tensors), batch, heads // degree, tokens, dim))
-    for index, tensor in enumerate(tensors):
-        send[:, index].copy_(tensor.view(batch, tokens, degree, heads // degree, dim).permute(2, 0, 3, 1, 4))
-    received = torch.empty_like(send)
+def tokens_to_heads(x: torch.Tensor, heads: int, ulysses: AxisGroup) -> torch.Tensor:
+    """[B, s, h*d] (this rank's s tokens, all h heads) -> [B, U*s, h/U, d] (the U ranks' tokens, in rank
+    order, on this rank's h/U heads). One copy into the send buffer; none out of it when B is 1."""
+    batch, tokens, width = x.shape
+    degree = ulysses.size
+    send = x.view(batch, tokens, degree, width // degree).permute(2, 0, 1, 3).contiguous()
+    received = torch.empty_like(send)                           # [U (source rank), B, s, h/U * d]
     dist.all_to_all_single(received, send, group=ulysses.group)
-    return received
-
-
-def block_view(received: torch.Tensor, index: int) -> torch.Tensor:
-    """[B, h/U, U, s, d] view of tensor `index` of `tokens_to_heads`' buffer: the ring block's U*s tokens."""
-    return received[:, index].permute(1, 2, 0, 3, 4)
+    return received.transpose(0, 1).reshape(batch, degree * tokens, heads // degree, width // heads)
 
 
 def heads_to_tokens(x: torch.Tensor, ulysses: AxisGroup) -> torch.Tensor:
-    """The inverse of `tokens_to_heads` for the attention output: [B, h/U, U*s, d] -> [B, s, h, d]."""
-    batch, local_heads, block_tokens, dim = x.shape
+    """The inverse for the attention output: [B, U*s, h/U, d] -> [B, s, h, d]."""
+    batch, block_tokens, local_heads, dim = x.shape
     degree = ulysses.size
     tokens = block_tokens // degree
-    send = x.reshape(batch, local_heads, degree, tokens, dim).permute(2, 0, 3, 1, 4).contiguous()
-    received = torch.empty_like(send)
+    # [U (destination rank), B, s, h/U, d]: free when B is 1 and x is token-major in memory
+    send = x.reshape(batch, degree, tokens, local_heads, dim).transpose(0, 1).contiguous()
+    received = torch.empty_like(send)                           # [U (source rank = head slice), B, s, h/U, d]
     dist.all_to_all_single(received, send, group=ulysses.group)
-    # received: [U (source rank = head slice), B, s, h/U, d]
     return received.permute(1, 2, 0, 3, 4).reshape(batch, tokens, degree * local_heads, dim)
 
 
@@ -134,8 +131,8 @@ def _merge(out, lse, block_out, block_lse):
 
 
 def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding, the same operations as diffusers' WanAttnProcessor (so numbers match). The
-    result is contiguous whatever x's strides, which lets it double as the copy out of a permuted view."""
+    """Wan's rotary embedding on [B, n, h, d], the same operations as diffusers' WanAttnProcessor (so numbers
+    match); freqs are [1, n, 1, d]."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
     sin = freqs_sin[..., 1::2]
@@ -161,35 +158,22 @@ class SequenceParallelAttention:
         key = attn.norm_k(attn.to_k(hidden_states))
         value = attn.to_v(hidden_states)
         if self.ulysses.size > 1:
-            q, k, v = self._exchange_heads(attn.heads, query, key, value, rotary_emb)
+            # This rank's tokens on all heads -> the ring block's tokens on h/U heads. Rotary runs after the
+            # exchange (it is per token and head, so the numbers are the same), on the ring block's frequencies.
+            query, key, value = (tokens_to_heads(x, attn.heads, self.ulysses) for x in (query, key, value))
         else:
             query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-            if rotary_emb is not None:
-                query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-            q, k, v = (x.transpose(1, 2) for x in (query, key, value))      # [B, h, s, d]
+        if rotary_emb is not None:
+            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))          # [B, h, n, d] views
         if self.ring.size > 1:
             out = ring_attention(q, k, v, self.ring, self.valid_keys, self.lse_kernel)
         else:
             keys = self.valid_keys[0]
             out = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys])
+        out = out.transpose(1, 2)                                           # [B, n, h, d]
         if self.ulysses.size > 1:
-            out = heads_to_tokens(out, self.ulysses)               # [B, s, h, d]
-        else:
-            out = out.transpose(1, 2)
+            out = heads_to_tokens(out, self.ulysses)                        # [B, s, h, d]
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
-
-    def _exchange_heads(self, heads: int, query, key, value, rotary_emb):
-        """Ulysses: this rank's tokens on all heads -> the ring block's tokens on h/U heads, [B, h/U, U*s, d].
-        Rotary runs after the exchange (it is per token and head, so the numbers are the same) and writes
-        q and k contiguously, so the exchange costs one copy into the send buffer and none out of it."""
-        received = tokens_to_heads([query, key, value], heads, self.ulysses)
-        q, k, v = (block_view(received, index) for index in range(3))       # [B, h/U, U, s, d] views
-        batch, local_heads, degree, tokens, dim = q.shape
-        if rotary_emb is not None:
-            # The block's frequencies, [1, U*s, 1, d] -> [1, 1, U, s, d] to match.
-            cos, sin = (f.permute(0, 2, 1, 3).unflatten(2, (degree, tokens)) for f in rotary_emb)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = (x.reshape(batch, local_heads, degree * tokens, dim) for x in (q, k, v))
-        return q, k, v

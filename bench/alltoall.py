@@ -1,0 +1,84 @@
+"""All-to-all at the sizes Ulysses sends, alone on the device: what the exchange costs without compute or rank
+skew around it, and how fast each GPU runs the same attention kernel (a slow GPU makes every rank wait).
+A diagnostic for bench/gang.py; prints one JSON line per size from rank 0.
+
+    python bench/alltoall.py --gpus 2            # launches the ranks itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def timed_ms(fn, iterations: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iterations
+
+
+def worker(args: argparse.Namespace) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    tokens = args.tokens // world                      # this rank's share of the sequence
+    for tensors in (3, 1):                             # q/k/v in, attention output back
+        numel = tensors * tokens * args.width
+        send = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
+        received = torch.empty_like(send)
+        ms = timed_ms(lambda s=send, r=received: dist.all_to_all_single(r, s), args.iterations)
+        sent_bytes = numel * 2 * (world - 1) / world
+        if rank == 0:
+            print(json.dumps({"world": world, "tensors": tensors, "mib_per_rank": round(numel * 2 / 2**20, 1),
+                              "ms": round(ms, 3), "gb_per_s_out": round(sent_bytes / ms / 1e6, 1)}), flush=True)
+    # The same attention call on every GPU, timed on its own: differences here become waits in the gang.
+    heads = args.heads // world
+    q = torch.randn(1, heads, args.tokens, 128, device="cuda", dtype=torch.bfloat16)
+    ms = torch.tensor([timed_ms(lambda: F.scaled_dot_product_attention(q, q, q), 5)], device="cuda")
+    every = [torch.empty_like(ms) for _ in range(world)]
+    dist.all_gather(every, ms)
+    if rank == 0:
+        print(json.dumps({"attention_ms_per_gpu": [round(float(t), 3) for t in every], "heads": heads,
+                          "tokens": args.tokens}), flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", nargs="?", default="launch", choices=["launch", "worker"])
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=75600, help="sequence length (81x720x1280: 75600)")
+    parser.add_argument("--width", type=int, default=1536, help="heads x head dim")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--iterations", type=int, default=20)
+    args = parser.parse_args()
+    if args.role == "worker":
+        worker(args)
+        return 0
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from services.denoiser.gang.launcher import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(args.gpus)}
+    argv = [sys.executable, os.path.abspath(__file__), "worker", "--tokens", str(args.tokens), "--width",
+            str(args.width), "--heads", str(args.heads), "--iterations", str(args.iterations)]
+    processes = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(args.gpus)]
+    return max(p.wait() for p in processes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
