@@ -24,12 +24,13 @@ START_TIMEOUT_S = 180
 REL_L2_TOLERANCE = 1e-5
 
 # 48x80 px, 9 frames -> 3x3x5 = 45 tokens: divides by neither 2 nor 4, so padding and trimming are exercised.
-# 32x64 px, 5 frames, two outputs, unguided -> 2x2x4 = 16 tokens per sample.
+# 32x64 px, 5 frames, three outputs, unguided -> 2x2x4 = 16 tokens per sample; a CFG-parallel gang splits the
+# three outputs over its two cfg ranks (2 + 1, padded to 2 + 2).
 REQUESTS = {
     "guided-45-tokens": dict(width=80, height=48, num_frames=9, num_inference_steps=3, guidance_scale=5.0,
                              seed=7, num_outputs=1),
-    "unguided-16-tokens-x2": dict(width=64, height=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0,
-                                  seed=3, num_outputs=2),
+    "unguided-16-tokens-x3": dict(width=64, height=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0,
+                                  seed=3, num_outputs=3),
 }
 
 LAYOUTS = {

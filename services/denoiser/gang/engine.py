@@ -110,8 +110,10 @@ class GangDenoiserEngine(DenoiserEngine):
 
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
                       negative_prompt_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-        if negative_prompt_embeds is None or self.cfg.size == 1:
+        if self.cfg.size == 1 or (negative_prompt_embeds is None and latents.shape[0] == 1):
             return super().predict_noise(latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale)
+        if negative_prompt_embeds is None:
+            return self._predict_batch_split(latents, timestep, prompt_embeds)
         # CFG-parallel: cfg rank 0 predicts the conditional branch, rank 1 the unconditional, then both hold both.
         text = prompt_embeds if self.cfg.index == 0 else negative_prompt_embeds
         mine = self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
@@ -120,6 +122,20 @@ class GangDenoiserEngine(DenoiserEngine):
         dist.all_gather(branches, mine, group=self.cfg.group)
         noise_pred, noise_uncond = branches
         return noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+
+    def _predict_batch_split(self, latents: torch.Tensor, timestep: torch.Tensor,
+                             prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """Unguided, several outputs: there are no branches to split, so the cfg ranks split the outputs. Each
+        takes an equal share (the last sample repeated where they do not divide), then all gather them."""
+        count = latents.shape[0]
+        share = -(-count // self.cfg.size)
+        start = self.cfg.index * share
+        picked = torch.arange(start, start + share, device=latents.device).clamp(max=count - 1)
+        mine = self.transformer(hidden_states=latents[picked], timestep=timestep[picked],
+                                encoder_hidden_states=prompt_embeds[picked], return_dict=False)[0].contiguous()
+        shares = [torch.empty_like(mine) for _ in range(self.cfg.size)]
+        dist.all_gather(shares, mine, group=self.cfg.group)
+        return torch.cat(shares)[:count]
 
 
 class GangBroken(RuntimeError):
