@@ -136,9 +136,11 @@ async def run_server(
     grace_seconds: float = 30.0,
     on_started: Callable[[int], None] | None = None,
     stop_event: asyncio.Event | None = None,
+    handle_signals: bool = True,
 ) -> None:
     """Serve `services` = [(add_XServicer_to_server, servicer, full service name)] with health and reflection,
-    until SIGTERM/SIGINT or `stop_event`; then drain for up to `grace_seconds`."""
+    until SIGTERM/SIGINT (unless `handle_signals` is false) or `stop_event`; then drain for up to
+    `grace_seconds`."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -160,9 +162,10 @@ async def run_server(
         on_started(bound_port)
 
     stop = stop_event or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     server_done = asyncio.ensure_future(server.wait_for_termination())
     stop_wait = asyncio.ensure_future(stop.wait())
     await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)

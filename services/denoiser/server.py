@@ -22,8 +22,15 @@ from services.common import logs
 from services.common.errors import InvalidArgument
 from services.common.models import check_model, resolve_model_dir
 from services.common.platform import select_platform
-from services.common.server import AdmissionGate, StartupError, rpc_method, run_until_stopped
-from services.common.stage import StageSpec, add_stage_arguments, serve_engine, serve_stage, setup_stage
+from services.common.server import AdmissionGate, StartupError, rpc_method, run_server, run_until_stopped
+from services.common.stage import (
+    StageSpec,
+    add_stage_arguments,
+    serve_engine,
+    serve_stage,
+    setup_stage,
+    write_port_file,
+)
 from services.common.tensors import iter_chunks, receive_params_and_tensors
 from services.denoiser.engine import DenoiseParams, DenoiserEngine
 from services.denoiser.gang.distributed import Gang, env_rank
@@ -162,7 +169,13 @@ async def serve_gang_rank(args: argparse.Namespace, rank: int, world_size: int, 
         raise StartupError(str(error)) from error
     await asyncio.to_thread(gang.barrier)      # every rank loaded before the leader reports SERVING
     if rank != 0:
-        await asyncio.to_thread(engine.follow)
+        try:
+            await follow_leader(args, engine, local_rank)
+        except Exception as error:
+            # The leader is gone or a collective failed: this rank cannot rejoin a gang in flight. Exit non-zero
+            # so the launcher or the pod's supervisor restarts the gang.
+            logger.error("gang rank %d leaving: the gang is broken (%s)", rank, error)
+            raise SystemExit(1) from None
         gang.close()
         return
     logger.info("gang of %d ready: %s", layout.world_size, layout.describe())
@@ -171,6 +184,26 @@ async def serve_gang_rank(args: argparse.Namespace, rank: int, world_size: int, 
     finally:
         await asyncio.to_thread(engine.release)
         gang.close()
+
+
+async def follow_leader(args: argparse.Namespace, engine: GangDenoiserEngine, local_rank: int) -> None:
+    """A worker runs the leader's requests until it says stop. The first worker on a host of its own (local
+    rank 0: one pod per rank, or one host of a multi-host gang) also serves gRPC health on --port, SERVING
+    while it follows, so its pod or host can be probed; it serves no Denoise. Workers beside the leader on one
+    host do not: the leader holds the port."""
+    if local_rank != 0:
+        await asyncio.to_thread(engine.follow)
+        return
+    stop = asyncio.Event()
+    port_file = args.port_file
+    health = asyncio.ensure_future(run_server(
+        services=[], host=args.host, port=args.port, grace_seconds=0, stop_event=stop, handle_signals=False,
+        on_started=(lambda port: write_port_file(port_file, str(port))) if port_file else None))
+    try:
+        await asyncio.to_thread(engine.follow)
+    finally:
+        stop.set()
+        await health
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,13 +50,13 @@ LAYOUTS = {
 class DenoiserProcess:
     """`diffmesh serve denoiser ...` in its own process, on a free port."""
 
-    def __init__(self, model_dir: pathlib.Path, tmp: pathlib.Path, extra: list[str]) -> None:
+    def __init__(self, model_dir: pathlib.Path, tmp: pathlib.Path, extra: list[str], env: dict | None = None) -> None:
         port_file = tmp / f"port-{time.monotonic_ns()}"
         argv = [sys.executable, "-m", "diffmesh.cli", "serve", "denoiser", "--model", str(model_dir),
                 "--device", "cpu", "--port", "0", "--port-file", str(port_file), *extra]
         self.log: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists():
@@ -147,6 +147,54 @@ def test_cancelled_request_stops_every_rank_and_the_gang_serves_the_next(model_d
         assert gang.stop() == 0, "".join(gang.log[-30:])
     log = "".join(gang.log)
     assert "cancelled at step" in log
+
+
+def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(model_dir, tmp_path, reference):
+    """One rank per pod, as a StatefulSet runs it: each rank is its own `diffmesh serve denoiser`, joined by
+    torch.distributed's env. The worker serves health only; when it dies the leader answers UNAVAILABLE naming
+    the stage and exits non-zero so its supervisor restarts the gang."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.denoiser.gang.launcher import free_port
+
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1"}
+    ranks = {}
+    try:
+        # Started together: each blocks in the rendezvous until the other arrives.
+        starting = [threading.Thread(target=lambda r=r: ranks.__setitem__(r, DenoiserProcess(
+            model_dir, tmp_path, [], env={**base, "RANK": str(r)}))) for r in (0, 1)]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        assert set(ranks) == {0, 1}, "a rank did not start"
+        leader, worker = ranks[0], ranks[1]
+
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(worker.address))
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as raised:
+            denoise(worker.stub, REQUESTS["guided-45-tokens"])
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        latents, _ = denoise(leader.stub, REQUESTS["guided-45-tokens"])
+        assert relative_l2(latents, reference["guided-45-tokens"]) <= REL_L2_TOLERANCE
+
+        worker.process.kill()
+        worker.process.wait(timeout=30)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            denoise(leader.stub, REQUESTS["guided-45-tokens"])
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "denoiser" in raised.value.details()
+        assert time.monotonic() - started < 30
+        assert leader.process.wait(timeout=30) == 1
+        assert "Traceback" not in raised.value.details()
+    finally:
+        for rank in ranks.values():
+            if rank.process.poll() is None:
+                rank.process.kill()
 
 
 @pytest.mark.parametrize("flags,message", [

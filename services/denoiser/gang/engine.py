@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from services.common.errors import Cancelled
+from services.common.errors import Cancelled, Unavailable
 from services.common.logs import request_context
 from services.common.models import ModelDir
 from services.common.platform import Platform
@@ -67,8 +67,14 @@ class GangDenoiserEngine(DenoiserEngine):
         self.check(params)
         self.check_embeddings(params, prompt_embeds, negative_prompt_embeds)
         negative = negative_prompt_embeds if params.guided else None
-        self.gang.broadcast_message(DenoiseMessage(params, prompt_embeds.cpu(), None if negative is None else negative.cpu()))
+        message = DenoiseMessage(params, prompt_embeds.cpu(), None if negative is None else negative.cpu())
         try:
+            try:
+                self.gang.broadcast_message(message)
+            except Exception as error:
+                # A rank that died while the gang was idle is noticed here, when the request cannot reach it.
+                logger.error("cannot hand the request to the gang: %s", error)
+                raise GangBroken("a rank of the gang is gone") from None
             return self._run_guarded(params, prompt_embeds, negative, on_step,
                                      lambda: self.gang.any_rank(cancelled()))
         except GangBroken:
@@ -104,7 +110,7 @@ class GangDenoiserEngine(DenoiserEngine):
         except BaseException:
             # A rank that failed mid-loop leaves the others inside a collective: the gang cannot go on.
             logger.exception("gang rank %d failed during a request; the gang must restart", self.gang.rank)
-            raise GangBroken(f"rank {self.gang.rank} failed") from None
+            raise GangBroken(f"the gang failed during the request (seen by rank {self.gang.rank})") from None
 
     # The step, split across the gang ----------------------------------------------------------------------
 
@@ -138,5 +144,9 @@ class GangDenoiserEngine(DenoiserEngine):
         return torch.cat(shares)[:count]
 
 
-class GangBroken(RuntimeError):
-    """A rank failed mid-request; the gang's ranks are no longer in step and the process must exit."""
+class GangBroken(Unavailable):
+    """A rank failed or is gone; the gang's ranks are no longer in step and the process must exit. The client
+    sees UNAVAILABLE naming the stage: a retry succeeds once the gang has restarted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("denoiser", f"{reason}; the gang is restarting")
