@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ from services.common.stage import (
 )
 from services.common.tensors import iter_chunks, receive_params_and_tensors
 from services.denoiser.engine import DenoiseParams, DenoiserEngine
-from services.denoiser.gang.distributed import Gang, env_rank
+from services.denoiser.gang.distributed import DEFAULT_COLLECTIVE_TIMEOUT, Gang, env_rank
 from services.denoiser.gang.engine import GangDenoiserEngine
 from services.denoiser.gang.launcher import launch_gang
 from services.denoiser.gang.layout import GangLayout, LayoutError
@@ -130,7 +131,17 @@ def add_gang_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     gang.add_argument("--cfg-parallel", action="store_true",
                       help="conditional and unconditional branches on different devices (degree 2)")
     gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (heads and FFN sharded)")
+    gang.add_argument("--gang-timeout", type=positive_seconds, default=DEFAULT_COLLECTIVE_TIMEOUT.total_seconds(),
+                      metavar="SECONDS", help="how long a rank waits in a collective for the others before the "
+                      "gang counts as broken (answers UNAVAILABLE and exits) (default %(default)s)")
     return parser
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def resolve_layout(args: argparse.Namespace, world_size: int | None) -> GangLayout:
@@ -162,7 +173,8 @@ async def serve_gang_rank(args: argparse.Namespace, rank: int, world_size: int, 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         layout = resolve_layout(args, world_size)
-        gang = await asyncio.to_thread(Gang, layout, platform, rank, local_rank)
+        gang = await asyncio.to_thread(Gang, layout, platform, rank, local_rank,
+                                       datetime.timedelta(seconds=args.gang_timeout))
         platform.share_host(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         engine = await asyncio.to_thread(GangDenoiserEngine, model, platform, dtype, gang)
     except (LayoutError, RuntimeError, OSError) as error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -149,26 +150,31 @@ def test_cancelled_request_stops_every_rank_and_the_gang_serves_the_next(model_d
     assert "cancelled at step" in log
 
 
-def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(model_dir, tmp_path, reference):
-    """One rank per pod, as a StatefulSet runs it: each rank is its own `diffmesh serve denoiser`, joined by
-    torch.distributed's env. The worker serves health only; when it dies the leader answers UNAVAILABLE naming
-    the stage and exits non-zero so its supervisor restarts the gang."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+def start_separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, ranks: dict, extra: list[str]) -> None:
+    """Two ranks of a gang, each its own `diffmesh serve denoiser` joined by torch.distributed's env, as one
+    rank per pod runs them; filled into `ranks` (so the caller can clean up whatever started)."""
     from services.denoiser.gang.launcher import free_port
 
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
             "LOCAL_WORLD_SIZE": "1"}
+    # Started together: each blocks in the rendezvous until the other arrives.
+    starting = [threading.Thread(target=lambda r=r: ranks.__setitem__(r, DenoiserProcess(
+        model_dir, tmp_path, extra, env={**base, "RANK": str(r)}))) for r in (0, 1)]
+    for thread in starting:
+        thread.start()
+    for thread in starting:
+        thread.join()
+    assert set(ranks) == {0, 1}, "a rank did not start"
+
+
+def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(model_dir, tmp_path, reference):
+    """One rank per pod, as a StatefulSet runs it. The worker serves health only; when it dies the leader
+    answers UNAVAILABLE naming the stage and exits non-zero so its supervisor restarts the gang."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     ranks = {}
     try:
-        # Started together: each blocks in the rendezvous until the other arrives.
-        starting = [threading.Thread(target=lambda r=r: ranks.__setitem__(r, DenoiserProcess(
-            model_dir, tmp_path, [], env={**base, "RANK": str(r)}))) for r in (0, 1)]
-        for thread in starting:
-            thread.start()
-        for thread in starting:
-            thread.join()
-        assert set(ranks) == {0, 1}, "a rank did not start"
+        start_separate_ranks(model_dir, tmp_path, ranks, [])
         leader, worker = ranks[0], ranks[1]
 
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(worker.address))
@@ -191,6 +197,33 @@ def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(mode
         assert time.monotonic() - started < 30
         assert leader.process.wait(timeout=30) == 1
         assert "Traceback" not in raised.value.details()
+    finally:
+        for rank in ranks.values():
+            if rank.process.poll() is None:
+                rank.process.kill()
+
+
+def test_a_hung_rank_fails_the_request_within_the_gang_timeout(model_dir, tmp_path):
+    """A rank that stops answering (not one that dies: that closes its connections) mid-request: the leader
+    gives up after --gang-timeout, answers UNAVAILABLE naming the stage and exits 1, rather than hang."""
+    ranks = {}
+    try:
+        start_separate_ranks(model_dir, tmp_path, ranks, ["--gang-timeout", "3"])
+        leader, worker = ranks[0], ranks[1]
+        long_request = dict(REQUESTS["guided-45-tokens"], num_inference_steps=200)
+        call = leader.stub.Denoise(request_messages(long_request), timeout=120)
+        for event in call:
+            if event.WhichOneof("item") == "progress" and event.progress.step >= 2:
+                worker.process.send_signal(signal.SIGSTOP)
+                break
+        stopped = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in call:
+                pass
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "denoiser" in raised.value.details()
+        assert time.monotonic() - stopped < 30
+        assert leader.process.wait(timeout=30) == 1
     finally:
         for rank in ranks.values():
             if rank.process.poll() is None:

@@ -21,9 +21,14 @@ from services.denoiser.gang.layout import Coordinates, GangLayout
 
 logger = logging.getLogger(__name__)
 
-# Workers wait on the control group between requests for as long as the gang is idle; a short timeout
-# would kill an idle gang. A dead peer still surfaces at once, as a closed connection.
+# Workers wait for the next request for as long as the gang is idle, and every rank waits at start-up until all
+# have loaded the model; a short timeout would kill an idle or slow-loading gang. A dead peer still surfaces at
+# once, as a closed connection.
 CONTROL_TIMEOUT = datetime.timedelta(days=365)
+# Inside a request the ranks meet every few milliseconds, so a rank that has not arrived after this long is hung
+# or gone; the collective then fails (gloo) or the backend's watchdog ends the process (NCCL, XCCL), instead of
+# the request hanging. `--gang-timeout` overrides it.
+DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=2)
 GANG_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
@@ -53,7 +58,8 @@ class AxisGroup:
 
 
 class Gang:
-    def __init__(self, layout: GangLayout, platform: Platform, rank: int, local_rank: int) -> None:
+    def __init__(self, layout: GangLayout, platform: Platform, rank: int, local_rank: int,
+                 timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
         self.layout = layout
         self.platform = platform
         self.rank = rank
@@ -64,10 +70,15 @@ class Gang:
         if not dist.is_initialized():
             options = {"device_id": self.device} if platform.kind != "cpu" else {}
             dist.init_process_group(backend=platform.dist_backend, rank=rank, world_size=layout.world_size,
-                                    **options)
+                                    timeout=timeout, **options)
+        self.timeout = timeout
         if dist.get_world_size() != layout.world_size:
             raise RuntimeError(f"WORLD_SIZE {dist.get_world_size()} != layout {layout.describe()}")
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        # Requests and per-step agreement travel on a CPU group of their own. Timeouts are each process's own:
+        # workers wait on it for as long as the gang is idle; the leader waits only `timeout`, so a worker that
+        # hangs (not one that dies: that closes its connections) cannot hold a request or the leader forever.
+        self.requests = dist.new_group(backend="gloo", timeout=timeout if rank == 0 else CONTROL_TIMEOUT)
         self.axes = {axis: self._axis_group(axis) for axis in ("cfg", "ring", "ulysses", "tp", "sequence")}
         logger.info("gang rank %d of %d (%s) on %s: %s", rank, layout.world_size, layout.describe(), self.device,
                     self.at)
@@ -76,7 +87,7 @@ class Gang:
         mine = None
         # new_group must be called by every rank for every group, in the same order.
         for ranks in self.layout.groups(axis):
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            group = dist.new_group(ranks, timeout=self.timeout) if len(ranks) > 1 else None
             if self.rank in ranks:
                 mine = AxisGroup(group=group, ranks=ranks, index=ranks.index(self.rank))
         assert mine is not None
@@ -94,13 +105,13 @@ class Gang:
     def broadcast_message(self, message: object = None) -> object:
         """Rank 0 sends `message` to every rank; every rank returns it."""
         box = [message]
-        dist.broadcast_object_list(box, src=0, group=self.control)
+        dist.broadcast_object_list(box, src=0, group=self.requests)
         return box[0]
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any: how the leader's cancellation reaches all."""
         value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.requests)
         return bool(value.item())
 
     def barrier(self) -> None:
