@@ -150,7 +150,8 @@ def test_cancelled_request_stops_every_rank_and_the_gang_serves_the_next(model_d
     assert "cancelled at step" in log
 
 
-def start_separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, ranks: dict, extra: list[str]) -> None:
+def start_separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, ranks: dict, extra: list[str],
+                         per_rank_env=lambda rank: {}) -> None:
     """Two ranks of a gang, each its own `diffmesh serve denoiser` joined by torch.distributed's env, as one
     rank per pod runs them; filled into `ranks` (so the caller can clean up whatever started)."""
     from services.denoiser.gang.launcher import free_port
@@ -159,7 +160,7 @@ def start_separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, ranks:
             "LOCAL_WORLD_SIZE": "1"}
     # Started together: each blocks in the rendezvous until the other arrives.
     starting = [threading.Thread(target=lambda r=r: ranks.__setitem__(r, DenoiserProcess(
-        model_dir, tmp_path, extra, env={**base, "RANK": str(r)}))) for r in (0, 1)]
+        model_dir, tmp_path, extra, env={**base, "RANK": str(r), **per_rank_env(r)}))) for r in (0, 1)]
     for thread in starting:
         thread.start()
     for thread in starting:
