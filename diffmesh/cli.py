@@ -91,6 +91,8 @@ def gang_flags(args: argparse.Namespace) -> list[str]:
             flags += [f"--{name}", str(value)]
     if args.cfg_parallel:
         flags.append("--cfg-parallel")
+    if args.gang_timeout is not None:
+        flags += ["--gang-timeout", str(args.gang_timeout)]
     return flags
 
 
@@ -238,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree")
     gang.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on different devices")
     gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
+    gang.add_argument("--gang-timeout", type=float, default=None, metavar="SECONDS",
+                      help="how long a rank waits for the others in a collective before the gang counts as broken")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="generate an image (.png) or a video (.mp4) through a running gateway")
