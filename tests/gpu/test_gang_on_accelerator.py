@@ -20,7 +20,7 @@ from tests.integration.test_gang import (
     denoise,
     relative_l2,
     request_messages,
-    start_separate_ranks,
+    separate_ranks,
 )
 
 ACCELERATOR = next((kind for kind in ("xpu", "cuda") if is_available(kind)), None)
@@ -61,11 +61,8 @@ def test_gang_on_two_accelerators_equals_one(model_dir, tmp_path, reference, lay
 def test_rank_killed_mid_request_ends_the_request_within_the_gang_timeout(model_dir, tmp_path):
     # One device per rank, as one rank per pod sees it.
     visible = "ZE_AFFINITY_MASK" if ACCELERATOR == "xpu" else "CUDA_VISIBLE_DEVICES"
-    ranks = {}
-    try:
-        start_separate_ranks(model_dir, tmp_path, ranks, [*FLOAT32, "--gang-timeout", "10"],
-                             per_rank_env=lambda rank: {visible: str(rank)})
-        leader, worker = ranks[0], ranks[1]
+    with separate_ranks(model_dir, tmp_path, [*FLOAT32, "--gang-timeout", "10"],
+                        per_rank_env=lambda rank: {visible: str(rank)}) as (leader, worker):
         long_request = dict(REQUESTS["guided-45-tokens"], num_inference_steps=200)
         call = leader.stub.Denoise(request_messages(long_request), timeout=180)
         for event in call:
@@ -82,7 +79,3 @@ def test_rank_killed_mid_request_ends_the_request_within_the_gang_timeout(model_
         # NCCL's watchdog ends the leader after the timeout plus its own teardown (70 s in all, measured on an H200).
         assert waited < 150
         assert leader.process.wait(timeout=60) != 0
-    finally:
-        for rank in ranks.values():
-            if rank.process.poll() is None:
-                rank.process.kill()

@@ -6,6 +6,7 @@ reference is a one-device denoiser server. Requests go over gRPC exactly as the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -150,22 +151,29 @@ def test_cancelled_request_stops_every_rank_and_the_gang_serves_the_next(model_d
     assert "cancelled at step" in log
 
 
-def start_separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, ranks: dict, extra: list[str],
-                         per_rank_env=lambda rank: {}) -> None:
+@contextlib.contextmanager
+def separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, extra: list[str], per_rank_env=lambda rank: {}):
     """Two ranks of a gang, each its own `diffmesh serve denoiser` joined by torch.distributed's env, as one
-    rank per pod runs them; filled into `ranks` (so the caller can clean up whatever started)."""
+    rank per pod runs them; yields (leader, worker) and kills whatever is still running on exit."""
     from services.denoiser.gang.launcher import free_port
 
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
             "LOCAL_WORLD_SIZE": "1"}
+    ranks = {}
     # Started together: each blocks in the rendezvous until the other arrives.
     starting = [threading.Thread(target=lambda r=r: ranks.__setitem__(r, DenoiserProcess(
         model_dir, tmp_path, extra, env={**base, "RANK": str(r), **per_rank_env(r)}))) for r in (0, 1)]
-    for thread in starting:
-        thread.start()
-    for thread in starting:
-        thread.join()
-    assert set(ranks) == {0, 1}, "a rank did not start"
+    try:
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        assert set(ranks) == {0, 1}, "a rank did not start"
+        yield ranks[0], ranks[1]
+    finally:
+        for rank in ranks.values():
+            if rank.process.poll() is None:
+                rank.process.kill()
 
 
 def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(model_dir, tmp_path, reference):
@@ -173,11 +181,7 @@ def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(mode
     answers UNAVAILABLE naming the stage and exits non-zero so its supervisor restarts the gang."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ranks = {}
-    try:
-        start_separate_ranks(model_dir, tmp_path, ranks, [])
-        leader, worker = ranks[0], ranks[1]
-
+    with separate_ranks(model_dir, tmp_path, []) as (leader, worker):
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(worker.address))
         status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
@@ -198,19 +202,12 @@ def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(mode
         assert time.monotonic() - started < 30
         assert leader.process.wait(timeout=30) == 1
         assert "Traceback" not in raised.value.details()
-    finally:
-        for rank in ranks.values():
-            if rank.process.poll() is None:
-                rank.process.kill()
 
 
 def test_a_hung_rank_fails_the_request_within_the_gang_timeout(model_dir, tmp_path):
     """A rank that stops answering (not one that dies: that closes its connections) mid-request: the leader
     gives up after --gang-timeout, answers UNAVAILABLE naming the stage and exits 1, rather than hang."""
-    ranks = {}
-    try:
-        start_separate_ranks(model_dir, tmp_path, ranks, ["--gang-timeout", "3"])
-        leader, worker = ranks[0], ranks[1]
+    with separate_ranks(model_dir, tmp_path, ["--gang-timeout", "3"]) as (leader, worker):
         long_request = dict(REQUESTS["guided-45-tokens"], num_inference_steps=200)
         call = leader.stub.Denoise(request_messages(long_request), timeout=120)
         for event in call:
@@ -225,10 +222,6 @@ def test_a_hung_rank_fails_the_request_within_the_gang_timeout(model_dir, tmp_pa
         assert "denoiser" in raised.value.details()
         assert time.monotonic() - stopped < 30
         assert leader.process.wait(timeout=30) == 1
-    finally:
-        for rank in ranks.values():
-            if rank.process.poll() is None:
-                rank.process.kill()
 
 
 @pytest.mark.parametrize("flags,message", [

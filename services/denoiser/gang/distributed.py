@@ -63,6 +63,7 @@ class Gang:
         self.layout = layout
         self.platform = platform
         self.rank = rank
+        self.timeout = timeout
         self.at: Coordinates = layout.coordinates(rank)
         if platform.kind != "cpu":
             platform.set_device(local_rank % platform.device_count())
@@ -71,7 +72,6 @@ class Gang:
             options = {"device_id": self.device} if platform.kind != "cpu" else {}
             dist.init_process_group(backend=platform.dist_backend, rank=rank, world_size=layout.world_size,
                                     timeout=timeout, **options)
-        self.timeout = timeout
         if dist.get_world_size() != layout.world_size:
             raise RuntimeError(f"WORLD_SIZE {dist.get_world_size()} != layout {layout.describe()}")
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)

@@ -69,18 +69,21 @@ class GangDenoiserEngine(DenoiserEngine):
         negative = negative_prompt_embeds if params.guided else None
         message = DenoiseMessage(params, prompt_embeds.cpu(), None if negative is None else negative.cpu())
         try:
-            try:
-                self.gang.broadcast_message(message)
-            except Exception as error:
-                # A rank that died while the gang was idle is noticed here, when the request cannot reach it.
-                logger.error("cannot hand the request to the gang: %s", error)
-                raise GangBroken("a rank of the gang is gone") from None
+            self._hand_over(message)
             return self._run_guarded(params, prompt_embeds, negative, on_step,
                                      lambda: self.gang.any_rank(cancelled()))
         except GangBroken:
             # Let the error reach the client, then exit so the launcher (or Kubernetes) restarts the gang.
             threading.Timer(1.0, os._exit, (1,)).start()
             raise
+
+    def _hand_over(self, message: DenoiseMessage) -> None:
+        try:
+            self.gang.broadcast_message(message)
+        except Exception as error:
+            # A rank that died or hung while the gang was idle is noticed here, when the request cannot reach it.
+            logger.error("cannot hand the request to the gang: %s", error)
+            raise GangBroken("a rank of the gang is gone") from None
 
     def release(self) -> None:
         """Tell the other ranks to exit (the leader is shutting down)."""
