@@ -185,6 +185,15 @@ def run_ranks(argv: list[str], world: int, env_extra: dict | None = None, timeou
     return rows
 
 
+PEERS = {"1": (1, "ulysses"), "ulysses2": (2, "ulysses"), "ulysses4": (4, "ulysses"), "ring2": (2, "ring")}
+
+
+def peer_runs(names: str, gpus: int) -> list[tuple[int, str]]:
+    """The peer runs asked for (comma-separated PEERS names) that fit the visible GPUs: (world size, mode)."""
+    runs = [PEERS[name] for name in names.split(",")]
+    return [(world, mode) for world, mode in runs if world <= gpus]
+
+
 def driver(args: argparse.Namespace) -> int:
     from services.common.platform import select_platform
 
@@ -204,8 +213,7 @@ def driver(args: argparse.Namespace) -> int:
     # The peers first, so a run cut short still has them to compare with.
     if not args.skip_peers and device_platform.kind == "cuda":
         for size in [s for s in args.sizes if s in ("480", "720")]:
-            for world, mode in [(1, "ulysses"), *[(w, "ulysses") for w in (2, 4) if w <= gpus],
-                                *([(2, "ring")] if gpus >= 2 else [])]:
+            for world, mode in peer_runs(args.peers, gpus):
                 rows = run_ranks([str(ROOT / "bench" / "peers" / "diffusers_cp.py")], world,
                                  {"MODE": mode, "SIZE": str(size)})
                 for row in rows:
@@ -294,6 +302,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"diffusers runs, from {','.join(PEERS)}")
     parser.add_argument("--reference-dir", default="/tmp/diffmesh-gang-reference")
     parser.add_argument("--layout", default="1", help="worker: the layout to run")
     parser.add_argument("--master-port", type=int, default=29511)

@@ -64,15 +64,23 @@ LSE_KERNELS = {
 # all-to-all for the same reason (one shared buffer would interleave them).
 
 
-def tokens_to_heads(x: torch.Tensor, heads: int, ulysses: AxisGroup) -> torch.Tensor:
-    """[B, s, h*d] (this rank's s tokens, all h heads) -> [B, U*s, h/U, d] (the U ranks' tokens, in rank
-    order, on this rank's h/U heads). One copy into the send buffer; none out of it when B is 1."""
-    batch, tokens, width = x.shape
-    degree = ulysses.size
-    send = x.view(batch, tokens, degree, width // degree).permute(2, 0, 1, 3).contiguous()
-    received = torch.empty_like(send)                           # [U (source rank), B, s, h/U * d]
-    dist.all_to_all_single(received, send, group=ulysses.group)
-    return received.transpose(0, 1).reshape(batch, degree * tokens, heads // degree, width // heads)
+class TokensToHeads:
+    """[B, s, h*d] (this rank's s tokens, all h heads) -> [B, U*s, h/U, d] (the U ranks' tokens, in rank order,
+    on this rank's h/U heads), with the all-to-all left in flight: construction copies x into the send buffer
+    and starts the exchange; `wait()` makes the device's stream wait for it (the host does not block) and
+    returns the result. None is copied out of the receive buffer when B is 1."""
+
+    def __init__(self, x: torch.Tensor, heads: int, ulysses: AxisGroup) -> None:
+        batch, tokens, width = x.shape
+        degree = ulysses.size
+        send = x.view(batch, tokens, degree, width // degree).permute(2, 0, 1, 3).contiguous()
+        self._received = torch.empty_like(send)                     # [U (source rank), B, s, h/U * d]
+        self._work = dist.all_to_all_single(self._received, send, group=ulysses.group, async_op=True)
+        self._shape = (batch, degree * tokens, heads // degree, width // heads)
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        return self._received.transpose(0, 1).reshape(self._shape)
 
 
 def heads_to_tokens(x: torch.Tensor, ulysses: AxisGroup) -> torch.Tensor:
@@ -154,17 +162,14 @@ class SequenceParallelAttention:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
-        query = attn.norm_q(attn.to_q(hidden_states))
-        key = attn.norm_k(attn.to_k(hidden_states))
-        value = attn.to_v(hidden_states)
         if self.ulysses.size > 1:
-            # This rank's tokens on all heads -> the ring block's tokens on h/U heads. Rotary runs after the
-            # exchange (it is per token and head, so the numbers are the same), on the ring block's frequencies.
-            query, key, value = (tokens_to_heads(x, attn.heads, self.ulysses) for x in (query, key, value))
+            query, key, value = self._exchange_projections(attn, hidden_states, rotary_emb)
         else:
-            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None:
-            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+            query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+            value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))          # [B, h, n, d] views
         if self.ring.size > 1:
             out = ring_attention(q, k, v, self.ring, self.valid_keys, self.lse_kernel)
@@ -177,3 +182,23 @@ class SequenceParallelAttention:
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def _exchange_projections(self, attn, hidden_states: torch.Tensor, rotary_emb):
+        """q, k, v projected on this rank's tokens and exchanged for the ring block's tokens on h/U heads.
+
+        Each exchange is in flight while the next tensor is projected: v first (it needs nothing after the
+        exchange), then q, whose rotary runs while k is still travelling. Communication kernels can share the
+        device with GEMMs and element-wise kernels but not with the attention kernel that follows, so this is
+        where the exchange can hide. Rotary runs after the exchange (it is per token and head, so the numbers are
+        the same), on the ring block's frequencies; the order of operations changes nothing in the result.
+        """
+        value = TokensToHeads(attn.to_v(hidden_states), attn.heads, self.ulysses)
+        query = TokensToHeads(attn.norm_q(attn.to_q(hidden_states)), attn.heads, self.ulysses)
+        key = TokensToHeads(attn.norm_k(attn.to_k(hidden_states)), attn.heads, self.ulysses)
+        query = query.wait()
+        if rotary_emb is not None:
+            query = apply_rotary(query, *rotary_emb)                        # while k travels
+        key = key.wait()
+        if rotary_emb is not None:
+            key = apply_rotary(key, *rotary_emb)
+        return query, key, value.wait()
