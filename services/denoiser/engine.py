@@ -19,6 +19,7 @@ from services.common.errors import Cancelled, InvalidArgument
 from services.common.limits import check_frames, check_guidance, check_outputs, check_side, check_steps
 from services.common.models import ModelDir
 from services.common.platform import Platform
+from services.denoiser.gang.attention import install_self_attention
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,12 @@ class DenoiserEngine:
         logger.info("denoiser loaded %s on %s (%s)", model.path, self.device, self.transformer.dtype)
 
     def load_transformer(self, model: ModelDir, dtype: torch.dtype):
-        """The whole transformer on this device; the gang loads its sharded form instead."""
-        return model.load("transformer", dtype=dtype, device=self.device)
+        """The whole transformer on this device, its self-attention run by the gang's processor (with nothing to
+        exchange: the same kernels, so one device and a gang compute the same numbers); the gang loads its
+        sharded form instead."""
+        transformer = model.load("transformer", dtype=dtype, device=self.device)
+        install_self_attention(transformer)
+        return transformer
 
     # 1. Check inputs
     def check(self, params: DenoiseParams) -> None:

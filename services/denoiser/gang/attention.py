@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from services.denoiser.gang.distributed import AxisGroup
+from services.denoiser.rotary import apply_rotary
 
 # Attention kernels that also return the log-sum-exp of each query's scores, which Ring needs to merge
 # blocks. Each is a PyTorch SDPA backend; the platform layer names the one its device has.
@@ -138,27 +139,23 @@ def _merge(out, lse, block_out, block_lse):
 # The self-attention processor ----------------------------------------------------------------------------
 
 
-def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on [B, n, h, d], the same operations as diffusers' WanAttnProcessor (so numbers
-    match); freqs are [1, n, 1, d]."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+# One device: an axis of one rank.
+ALONE = AxisGroup(group=None, ranks=[0], index=0)
 
 
 class SequenceParallelAttention:
     """Replaces WanAttnProcessor in self-attention layers. q/k/v projections, norms and rotary run on this
-    rank's tokens (and, under TP, its heads); attention itself sees the whole sequence."""
+    rank's tokens (and, under TP, its heads); attention itself sees the whole sequence.
 
-    def __init__(self, ulysses: AxisGroup, ring: AxisGroup, lse_kernel) -> None:
+    On one device (both axes ALONE) it is diffusers' processor with the rotary embedding fused, so one device
+    and the gang run the same kernels."""
+
+    def __init__(self, ulysses: AxisGroup = ALONE, ring: AxisGroup = ALONE, lse_kernel=None) -> None:
         self.ulysses = ulysses
         self.ring = ring
         self.lse_kernel = lse_kernel
-        self.valid_keys: list[int] = []          # per ring block; set by the transformer for each forward
+        # Real keys per ring block, set by the gang's transformer for each forward; None: every key is real.
+        self.valid_keys: list[int] | None = None
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
@@ -174,7 +171,7 @@ class SequenceParallelAttention:
         if self.ring.size > 1:
             out = ring_attention(q, k, v, self.ring, self.valid_keys, self.lse_kernel)
         else:
-            keys = self.valid_keys[0]
+            keys = self.valid_keys[0] if self.valid_keys else None
             out = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys])
         out = out.transpose(1, 2)                                           # [B, n, h, d]
         if self.ulysses.size > 1:
@@ -202,3 +199,14 @@ class SequenceParallelAttention:
         if rotary_emb is not None:
             key = apply_rotary(key, *rotary_emb)
         return query, key, value.wait()
+
+
+def install_self_attention(model: torch.nn.Module, ulysses: AxisGroup = ALONE, ring: AxisGroup = ALONE,
+                           lse_kernel=None) -> list[SequenceParallelAttention]:
+    """Give every Wan block's self-attention a SequenceParallelAttention; returns them (in block order)."""
+    processors = []
+    for block in model.blocks:
+        processor = SequenceParallelAttention(ulysses, ring, lse_kernel)
+        block.attn1.set_processor(processor)
+        processors.append(processor)
+    return processors

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from services.denoiser.gang.attention import SequenceParallelAttention
+from services.denoiser.gang.attention import install_self_attention
 from services.denoiser.gang.distributed import AxisGroup, Gang
 
 
@@ -44,12 +44,7 @@ class ParallelTransformer:
         self.sequence = gang.axis("sequence")
         self.ulysses = gang.axis("ulysses")
         self.ring = gang.axis("ring")
-        self.processors = []
-        if self.sequence.size > 1:
-            for block in model.blocks:
-                processor = SequenceParallelAttention(self.ulysses, self.ring, lse_kernel)
-                block.attn1.set_processor(processor)
-                self.processors.append(processor)
+        self.processors = install_self_attention(model, self.ulysses, self.ring, lse_kernel)
 
     @property
     def dtype(self) -> torch.dtype:
