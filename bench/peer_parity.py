@@ -4,6 +4,7 @@ several builds of the model with the same inputs, in one process, on one GPU. A 
   peer            WanTransformer3DModel(...).to(bfloat16), as shared/peers/diffusers_cp.py builds it
   from_pretrained the model directory loaded as diffmesh loads it (diffusers keeps some modules in float32)
   all_bf16        the same directory, then every parameter cast to bfloat16
+  diffmesh        the directory as the denoiser runs it (from_pretrained, its self-attention processor)
 
     python bench/peer_parity.py --model /tmp/wan2.1-1.3b-shapes
 """
@@ -11,11 +12,20 @@ several builds of the model with the same inputs, in one process, on one GPU. A 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import pathlib
 import statistics
+import sys
 
 import torch
 from diffusers import WanTransformer3DModel
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from services.denoiser.gang.attention import install_self_attention  # noqa: E402
 
 
 def timed_forward(model, inputs: dict, warmup: int, repeats: int) -> list[float]:
@@ -48,7 +58,8 @@ def main() -> int:
     parser.add_argument("--size", default="720x1280")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kernels", type=int, default=0, help="also print the top N kernels of each build")
+    parser.add_argument("--kernels", type=int, default=0, help="also list the top N kernels of each build")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.split("x"))
     generator = torch.Generator("cuda").manual_seed(1)
@@ -72,9 +83,15 @@ def main() -> int:
     def all_bf16():
         return from_pretrained().to(torch.bfloat16)
 
+    def diffmesh():
+        model = from_pretrained()
+        install_self_attention(model)
+        return model
+
+    rows = []
     # The peer's build again at the end shows how far the GPU itself drifted during the run.
     for name, build in (("peer", peer), ("from_pretrained", from_pretrained), ("all_bf16", all_bf16),
-                        ("peer", peer)):
+                        ("diffmesh", diffmesh), ("peer", peer)):
         model = build()
         float32 = sorted({n.rsplit(".", 1)[0].split(".")[-1] for n, p in model.named_parameters()
                           if p.dtype == torch.float32})
@@ -83,8 +100,19 @@ def main() -> int:
         if args.kernels:
             row["kernels_ms"] = kernel_totals(model, inputs, args.kernels)
         print(json.dumps(row), flush=True)
+        rows.append(row)
         del model
         torch.cuda.empty_cache()
+    import diffusers
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    report = {"benchmark": "peer_parity", "date": now.isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+              "size": args.size, "frames": 81, "warmup": args.warmup, "repeats": args.repeats, "builds": rows}
+    path = pathlib.Path(args.out) / f"peer-parity-cuda-{now:%Y-%m-%d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
