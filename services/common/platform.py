@@ -30,6 +30,9 @@ class Platform:
     # The SDPA kernel that also returns log-sum-exps, which ring attention merges blocks with
     # (a name in services.denoiser.gang.attention.LSE_KERNELS).
     lse_attention: str = "math"
+    # Defaults for the collective backend's own environment, set before a gang's process groups start; a value
+    # the user set wins.
+    collective_env: tuple[tuple[str, str], ...] = ()
 
     def device(self, index: int | None = None) -> torch.device:
         if self.kind == "cpu" or index is None:
@@ -79,6 +82,10 @@ class Platform:
         if self.kind == "cpu" and processes_per_host > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_per_host))
 
+    def apply_collective_env(self) -> None:
+        for name, value in self.collective_env:
+            os.environ.setdefault(name, value)
+
     def default_dtype(self) -> torch.dtype:
         """float32 on CPU (exact, and bf16 matmuls are slow there); bfloat16 on accelerators."""
         return torch.float32 if self.kind == "cpu" else torch.bfloat16
@@ -86,7 +93,10 @@ class Platform:
 
 PLATFORMS: dict[str, Platform] = {
     "xpu": Platform("xpu", "xccl", "ZE_AFFINITY_MASK", lse_attention="fused_overrideable"),
-    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", lse_attention="cuda"),
+    # After a collective times out, PyTorch's NCCL watchdog waits four times this many milliseconds for other ranks'
+    # debug dumps before it ends the process: 60 s by default, on top of --gang-timeout, while the request waits.
+    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", lse_attention="cuda",
+                     collective_env=(("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "1000"),)),
     "cpu": Platform("cpu", "gloo", None, lse_attention="flash_cpu"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from services.common import platform
 from services.common.platform import (
     DEVICE_ENV,
+    PLATFORMS,
     current_platform,
     load_optional_extensions,
     select_platform,
@@ -185,3 +187,20 @@ def test_failed_set_platform_keeps_previous_selection(no_accelerators):
     with pytest.raises(RuntimeError):
         set_platform("cuda")
     assert current_platform().kind == "cpu"
+
+
+def test_cuda_shortens_the_nccl_watchdogs_dump_wait_unless_the_user_set_it(monkeypatch):
+    monkeypatch.setenv("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "-")     # so monkeypatch restores the original
+    monkeypatch.delenv("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC")
+    PLATFORMS["cuda"].apply_collective_env()
+    assert os.environ["TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC"] == "1000"
+    monkeypatch.setenv("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "15000")
+    PLATFORMS["cuda"].apply_collective_env()
+    assert os.environ["TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC"] == "15000"
+
+
+def test_cpu_and_xpu_set_no_collective_environment(monkeypatch):
+    before = dict(os.environ)
+    PLATFORMS["cpu"].apply_collective_env()
+    PLATFORMS["xpu"].apply_collective_env()
+    assert dict(os.environ) == before

@@ -68,6 +68,7 @@ class Gang:
         if platform.kind != "cpu":
             platform.set_device(local_rank % platform.device_count())
         self.device = platform.device(local_rank % platform.device_count() if platform.kind != "cpu" else None)
+        platform.apply_collective_env()
         if not dist.is_initialized():
             options = {"device_id": self.device} if platform.kind != "cpu" else {}
             dist.init_process_group(backend=platform.dist_backend, rank=rank, world_size=layout.world_size,
