@@ -33,6 +33,9 @@ class Platform:
     # Defaults for the collective backend's own environment, set before a gang's process groups start; a value
     # the user set wins.
     collective_env: tuple[tuple[str, str], ...] = ()
+    # Whether diffmesh's own Triton kernels (services/denoiser/rotary.py) run here. Off for XPU until someone has
+    # run tests/unit/test_rotary.py on an Intel GPU; off on CPU, which Triton does not target.
+    triton_kernels: bool = False
 
     def device(self, index: int | None = None) -> torch.device:
         if self.kind == "cpu" or index is None:
@@ -96,7 +99,7 @@ PLATFORMS: dict[str, Platform] = {
     # After a collective times out, PyTorch's NCCL watchdog waits four times this many milliseconds for other ranks'
     # debug dumps before it ends the process: 60 s by default, on top of --gang-timeout, while the request waits.
     "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", lse_attention="cuda",
-                     collective_env=(("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "1000"),)),
+                     collective_env=(("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "1000"),), triton_kernels=True),
     "cpu": Platform("cpu", "gloo", None, lse_attention="flash_cpu"),
 }
 

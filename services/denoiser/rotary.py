@@ -10,7 +10,11 @@ hand-written kernel; `apply_rotary_reference` is the eager path for everything e
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from services.common.platform import PLATFORMS
 
 try:  # Triton ships with PyTorch's CUDA (and XPU) wheels, not its CPU ones.
     import triton
@@ -18,9 +22,12 @@ try:  # Triton ships with PyTorch's CUDA (and XPU) wheels, not its CPU ones.
 except ImportError:  # pragma: no cover - depends on the installed torch
     triton = None
 
-# Devices Triton generates code for; anything else (the CPU) takes the reference path.
-TRITON_DEVICES = ("cuda", "xpu")
+logger = logging.getLogger(__name__)
+
+# Device kinds the platform layer runs diffmesh's Triton kernels on; anything else takes the reference path.
+TRITON_DEVICES = frozenset(kind for kind, platform in PLATFORMS.items() if platform.triton_kernels)
 _BLOCK_ROWS = 16
+_fused_failed = False   # set when the kernel could not be built here: then the reference path serves
 
 
 def apply_rotary_reference(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -39,6 +46,7 @@ def fused_rotary_applies(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: to
     head_dim = x.shape[-1]
     return (
         triton is not None
+        and not _fused_failed
         and x.device.type in TRITON_DEVICES
         and x.dim() == 4
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -60,9 +68,15 @@ def apply_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tens
     sin = freqs_sin.reshape(tokens, head_dim).contiguous()
     out = torch.empty_like(x)
     rows = batch * tokens * heads
-    # No fused multiply-add: a*b - c*d rounds both products and then the difference, like the eager kernels.
-    _rotary_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](x, cos, sin, out, rows, heads, tokens, HEAD_DIM=head_dim,
-                                                      BLOCK_ROWS=_BLOCK_ROWS, enable_fp_fusion=False)
+    try:
+        # No fused multiply-add: a*b - c*d rounds both products and then the difference, like the eager kernels.
+        _rotary_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](x, cos, sin, out, rows, heads, tokens, HEAD_DIM=head_dim,
+                                                          BLOCK_ROWS=_BLOCK_ROWS, enable_fp_fusion=False)
+    except Exception as error:  # compiling needs a working toolchain for this device; serving must not need it
+        global _fused_failed
+        _fused_failed = True
+        logger.warning("fused rotary kernel unavailable (%s); using the reference kernels", error)
+        return apply_rotary_reference(x, freqs_cos, freqs_sin)
     return out
 
 

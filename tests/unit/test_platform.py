@@ -204,3 +204,8 @@ def test_cpu_and_xpu_set_no_collective_environment(monkeypatch):
     PLATFORMS["cpu"].apply_collective_env()
     PLATFORMS["xpu"].apply_collective_env()
     assert dict(os.environ) == before
+
+
+def test_triton_kernels_run_on_cuda_only():
+    """XPU is left out until the rotary kernel's test has run on an Intel GPU."""
+    assert [kind for kind, chosen in PLATFORMS.items() if chosen.triton_kernels] == ["cuda"]
