@@ -207,7 +207,8 @@ def driver(args: argparse.Namespace) -> int:
     chosen = [name for name in chosen if layout_size(LAYOUTS[name]) <= gpus]
     if "1" in chosen:
         chosen.remove("1")
-    chosen.insert(0, "1")                       # the reference every other layout is compared with
+    if not args.no_single:
+        chosen.insert(0, "1")                   # the reference every other layout is compared with
     sizes = ",".join(args.sizes)
     results, peers = [], []
     # The peers first, so a run cut short still has them to compare with.
@@ -302,6 +303,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--no-single", action="store_true",
+                        help="skip the one-GPU reference (no speedup or error columns): for A/B runs of one layout")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"diffusers runs, from {','.join(PEERS)}")
     parser.add_argument("--reference-dir", default="/tmp/diffmesh-gang-reference")
     parser.add_argument("--layout", default="1", help="worker: the layout to run")

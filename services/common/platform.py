@@ -96,10 +96,13 @@ class Platform:
 
 PLATFORMS: dict[str, Platform] = {
     "xpu": Platform("xpu", "xccl", "ZE_AFFINITY_MASK", lse_attention="fused_overrideable"),
-    # After a collective times out, PyTorch's NCCL watchdog waits four times this many milliseconds for other ranks'
-    # debug dumps before it ends the process: 60 s by default, on top of --gang-timeout, while the request waits.
-    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", lse_attention="cuda",
-                     collective_env=(("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "1000"),), triton_kernels=True),
+    "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", lse_attention="cuda", triton_kernels=True,
+                     collective_env=(
+                         # After a collective times out, PyTorch's NCCL watchdog waits four times this many ms for
+                         # other ranks' debug dumps before it ends the process: 60 s by default, on top of
+                         # --gang-timeout, while the request waits.
+                         ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "1000"),
+                     )),
     "cpu": Platform("cpu", "gloo", None, lse_attention="flash_cpu"),
 }
 
