@@ -18,6 +18,7 @@ import pathlib
 import statistics
 import sys
 
+import diffusers
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -25,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from services.denoiser.gang.attention import install_self_attention  # noqa: E402
+from services.denoiser.attention import install_self_attention  # noqa: E402
 
 
 def timed_forward(model, inputs: dict, warmup: int, repeats: int) -> list[float]:
@@ -103,8 +104,6 @@ def main() -> int:
         rows.append(row)
         del model
         torch.cuda.empty_cache()
-    import diffusers
-
     now = datetime.datetime.now(datetime.timezone.utc)
     report = {"benchmark": "peer_parity", "date": now.isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,

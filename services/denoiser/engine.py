@@ -19,7 +19,7 @@ from services.common.errors import Cancelled, InvalidArgument
 from services.common.limits import check_frames, check_guidance, check_outputs, check_side, check_steps
 from services.common.models import ModelDir
 from services.common.platform import Platform
-from services.denoiser.gang.attention import install_self_attention
+from services.denoiser.attention import install_self_attention
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.denoiser.gang.attention import SequenceParallelAttention, _lse_flash_cpu
+from services.denoiser.attention import SequenceParallelAttention
+from services.denoiser.gang.attention import _lse_flash_cpu
 from services.denoiser.gang.distributed import AxisGroup
 from services.denoiser.gang.launcher import free_port
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.common.platform import is_available
-from services.denoiser.gang.attention import SequenceParallelAttention
+from services.denoiser.attention import SequenceParallelAttention
 from services.denoiser.rotary import TRITON_DEVICES, apply_rotary, apply_rotary_reference, fused_rotary_applies
 
 ACCELERATOR = next((kind for kind in ("xpu", "cuda") if is_available(kind)), None)

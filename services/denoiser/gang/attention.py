@@ -1,5 +1,6 @@
-"""Sequence-parallel self-attention for the gang: Ulysses (all-to-all over heads) and Ring (K/V passed
-around the ring, blocks merged by log-sum-exp), alone or combined.
+"""The gang's sequence-parallel pieces of self-attention: Ulysses' exchanges (all-to-all over heads) and Ring
+(K/V passed around the ring, blocks merged by log-sum-exp), used alone or combined by the self-attention
+processor in services/denoiser/attention.py.
 
 Each rank holds a contiguous slice of the (padded) token sequence. Ulysses trades that for the whole of
 its ring block on a subset of heads; Ring then walks the other blocks of the sequence. Padding sits at
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from services.denoiser.gang.distributed import AxisGroup
-from services.denoiser.rotary import apply_rotary
 
 # Attention kernels that also return the log-sum-exp of each query's scores, which Ring needs to merge
 # blocks. Each is a PyTorch SDPA backend; the platform layer names the one its device has.
@@ -134,79 +133,3 @@ def _merge(out, lse, block_out, block_lse):
     merged_lse = torch.logaddexp(lse, block_lse)
     out = out * torch.exp(lse - merged_lse).unsqueeze(-1) + block_out * torch.exp(block_lse - merged_lse).unsqueeze(-1)
     return out, merged_lse
-
-
-# The self-attention processor ----------------------------------------------------------------------------
-
-
-# One device: an axis of one rank.
-ALONE = AxisGroup(group=None, ranks=[0], index=0)
-
-
-class SequenceParallelAttention:
-    """Replaces WanAttnProcessor in self-attention layers. q/k/v projections, norms and rotary run on this
-    rank's tokens (and, under TP, its heads); attention itself sees the whole sequence.
-
-    On one device (both axes ALONE) it is diffusers' processor with the rotary embedding fused, so one device
-    and the gang run the same kernels."""
-
-    def __init__(self, ulysses: AxisGroup = ALONE, ring: AxisGroup = ALONE, lse_kernel=None) -> None:
-        self.ulysses = ulysses
-        self.ring = ring
-        self.lse_kernel = lse_kernel
-        # Real keys per ring block, set by the gang's transformer for each forward; None: every key is real.
-        self.valid_keys: list[int] | None = None
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None) -> torch.Tensor:
-        if self.ulysses.size > 1:
-            query, key, value = self._exchange_projections(attn, hidden_states, rotary_emb)
-        else:
-            query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-            key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-            value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-            if rotary_emb is not None:
-                query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))          # [B, h, n, d] views
-        if self.ring.size > 1:
-            out = ring_attention(q, k, v, self.ring, self.valid_keys, self.lse_kernel)
-        else:
-            keys = self.valid_keys[0] if self.valid_keys else None
-            out = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys])
-        out = out.transpose(1, 2)                                           # [B, n, h, d]
-        if self.ulysses.size > 1:
-            out = heads_to_tokens(out, self.ulysses)                        # [B, s, h, d]
-        out = out.flatten(2, 3).type_as(query)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
-
-    def _exchange_projections(self, attn, hidden_states: torch.Tensor, rotary_emb):
-        """q, k, v projected on this rank's tokens and exchanged for the ring block's tokens on h/U heads.
-
-        Each exchange is in flight while the next tensor is projected: v first (it needs nothing after the
-        exchange), then q, whose rotary runs while k is still travelling. Communication kernels can share the
-        device with GEMMs and element-wise kernels but not with the attention kernel that follows, so this is
-        where the exchange can hide. Rotary runs after the exchange (it is per token and head, so the numbers are
-        the same), on the ring block's frequencies; the order of operations changes nothing in the result.
-        """
-        value = TokensToHeads(attn.to_v(hidden_states), attn.heads, self.ulysses)
-        query = TokensToHeads(attn.norm_q(attn.to_q(hidden_states)), attn.heads, self.ulysses)
-        key = TokensToHeads(attn.norm_k(attn.to_k(hidden_states)), attn.heads, self.ulysses)
-        query = query.wait()
-        if rotary_emb is not None:
-            query = apply_rotary(query, *rotary_emb)                        # while k travels
-        key = key.wait()
-        if rotary_emb is not None:
-            key = apply_rotary(key, *rotary_emb)
-        return query, key, value.wait()
-
-
-def install_self_attention(model: torch.nn.Module, ulysses: AxisGroup = ALONE, ring: AxisGroup = ALONE,
-                           lse_kernel=None) -> list[SequenceParallelAttention]:
-    """Give every Wan block's self-attention a SequenceParallelAttention; returns them (in block order)."""
-    processors = []
-    for block in model.blocks:
-        processor = SequenceParallelAttention(ulysses, ring, lse_kernel)
-        block.attn1.set_processor(processor)
-        processors.append(processor)
-    return processors

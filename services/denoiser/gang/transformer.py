@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from services.denoiser.gang.attention import install_self_attention
+from services.denoiser.attention import install_self_attention
 from services.denoiser.gang.distributed import AxisGroup, Gang
 
 
