@@ -14,6 +14,7 @@ Per layout and size, rank 0 reports:
 
     python bench/gang.py --gpus 4                        # every layout that fits, both sizes
     python bench/gang.py --gpus 2 --sizes 480 --layouts 1,ulysses2,cfg2
+    python bench/gang.py --layouts ulysses4 --exchanges collective,copy-engine   # Ulysses on both transports
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from services.denoiser.gang.exchange import EXCHANGE_ENV  # noqa: E402
 
 SIZES = {480: (480, 832), 720: (720, 1280)}
 FRAMES = 81
@@ -100,6 +103,10 @@ def worker(args: argparse.Namespace) -> int:
     engine = GangDenoiserEngine(resolve_model_dir(args.model), platform, torch.bfloat16, gang)
     load_s = time.perf_counter() - started
     device = engine.device
+    ulysses = getattr(engine.transformer, "processors", [None])[0]
+    ulysses = getattr(ulysses, "ulysses", None)
+    exchange = {"CollectiveExchange": "collective", "CopyEngineExchange": "copy-engine"}.get(
+        type(ulysses).__name__)                  # what ran, which a fallback may make differ from what was asked
 
     def barrier() -> None:
         gang.barrier()
@@ -124,7 +131,7 @@ def worker(args: argparse.Namespace) -> int:
             return engine.predict_noise(latents, timestep, text, negative, GUIDANCE)
 
         row = {"layout": args.layout, "devices": layout.world_size, "size": f"{args.frames}x{height}x{width}",
-               "load_s": round(load_s, 1)}
+               "load_s": round(load_s, 1), "exchange": exchange}
         with torch.inference_mode():
             if layout.cfg == 1:
                 row["forward_ms"], runs = timed(forward, platform.synchronize, barrier, args.warmup, args.repeats)
@@ -223,18 +230,21 @@ def driver(args: argparse.Namespace) -> int:
                 peers.extend(rows)
                 write_report(args, device_platform, gpus, model, results, peers)
 
-    for name in chosen:
+    runs = [(name, exchange) for name in chosen
+            for exchange in (args.exchanges if "ulysses" in LAYOUTS[name] else [None])]
+    for name, exchange in runs:
         world = layout_size(LAYOUTS[name])
         started = time.monotonic()
         rows = run_ranks([__file__, "worker", "--layout", name, "--model", str(model), "--sizes", sizes,
                           "--reference-dir", args.reference_dir, "--warmup", str(args.warmup),
                           "--repeats", str(args.repeats), "--device", device_platform.kind,
-                          "--frames", str(args.frames)], world)
+                          "--frames", str(args.frames)], world, {EXCHANGE_ENV: exchange} if exchange else None)
         for row in rows:
             row.setdefault("layout", name)
+            row.setdefault("exchange", exchange)
             print(json.dumps(row), flush=True)
         results.extend(rows)
-        print(f"# {name}: {time.monotonic() - started:.0f}s", flush=True)
+        print(f"# {name} {exchange or ''}: {time.monotonic() - started:.0f}s", flush=True)
         write_report(args, device_platform, gpus, model, results, peers)
 
     path = write_report(args, device_platform, gpus, model, results, peers)
@@ -275,12 +285,13 @@ def write_report(args, device_platform, gpus: int, model: pathlib.Path, results:
 
 
 def print_table(results: list[dict], peers: list[dict]) -> None:
-    print(f"{'layout':16} {'size':14} {'fwd ms':>9} {'guided ms':>10} {'speedup':>8} {'peak GiB':>9} {'rel err':>9}")
+    print(f"{'layout':28} {'size':14} {'fwd ms':>9} {'guided ms':>10} {'speedup':>8} {'peak GiB':>9} {'rel err':>9}")
     for row in results:
+        name = f"{row['layout']} {row.get('exchange') or ''}"
         if "error" in row:
-            print(f"{row['layout']:16} ERROR {row['error']}")
+            print(f"{name:28} ERROR {row['error']}")
             continue
-        print(f"{row['layout']:16} {row['size']:14} {row.get('forward_ms', float('nan')):9.1f} "
+        print(f"{name:28} {row['size']:14} {row.get('forward_ms', float('nan')):9.1f} "
               f"{row['guided_step_ms']:10.1f} {row.get('speedup', row.get('guided_speedup', 1.0)):8.2f} "
               f"{row['peak_gib']:9.2f} {row.get('rel_err_forward', row.get('rel_err_guided', 0.0)):9.2e}")
     for row in peers:
@@ -306,6 +317,9 @@ def main() -> int:
     parser.add_argument("--no-single", action="store_true",
                         help="skip the one-GPU reference (no speedup or error columns): for A/B runs of one layout")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"diffusers runs, from {','.join(PEERS)}")
+    parser.add_argument("--exchanges", type=lambda s: s.split(","), default=[None],
+                        help="Ulysses layouts: run once per transport, from collective,copy-engine "
+                             "(default: the platform's)")
     parser.add_argument("--reference-dir", default="/tmp/diffmesh-gang-reference")
     parser.add_argument("--layout", default="1", help="worker: the layout to run")
     parser.add_argument("--master-port", type=int, default=29511)

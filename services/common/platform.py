@@ -36,6 +36,9 @@ class Platform:
     # Whether diffmesh's own Triton kernels (services/denoiser/rotary.py) run here. Off for XPU until someone has
     # run tests/unit/test_rotary.py on an Intel GPU; off on CPU, which Triton does not target.
     triton_kernels: bool = False
+    # How Ulysses' exchanges travel (services/denoiser/gang/exchange.py): "collective" (the backend's all-to-all)
+    # or "copy-engine" (CUDA copy engines over symmetric memory; needs every Ulysses rank on one host).
+    ulysses_exchange: str = "collective"
 
     def device(self, index: int | None = None) -> torch.device:
         if self.kind == "cpu" or index is None:
@@ -97,6 +100,7 @@ class Platform:
 PLATFORMS: dict[str, Platform] = {
     "xpu": Platform("xpu", "xccl", "ZE_AFFINITY_MASK", lse_attention="fused_overrideable"),
     "cuda": Platform("cuda", "nccl", "CUDA_VISIBLE_DEVICES", lse_attention="cuda", triton_kernels=True,
+                     ulysses_exchange="copy-engine",
                      collective_env=(
                          # After a collective times out, PyTorch's NCCL watchdog waits four times this many ms for
                          # other ranks' debug dumps before it ends the process: 60 s by default, on top of

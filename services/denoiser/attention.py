@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.denoiser.gang.attention import TokensToHeads, heads_to_tokens, ring_attention
+from services.denoiser.gang.attention import ring_attention
 from services.denoiser.gang.distributed import AxisGroup
 from services.denoiser.rotary import apply_rotary
 
@@ -20,10 +20,11 @@ class SequenceParallelAttention:
     """Replaces WanAttnProcessor in self-attention layers. q/k/v projections, norms and rotary run on this
     rank's tokens (and, under TP, its heads); attention itself sees the whole sequence.
 
-    On one device (both axes ALONE) it is diffusers' processor with the rotary embedding fused, so one device
-    and the gang run the same kernels."""
+    `ulysses` is the Ulysses axis' exchange (gang/attention.py's CollectiveExchange or gang/copy_engine.py's
+    CopyEngineExchange), None without one. On one device (no exchange, ring ALONE) it is diffusers' processor with
+    the rotary embedding fused, so one device and the gang run the same kernels."""
 
-    def __init__(self, ulysses: AxisGroup = ALONE, ring: AxisGroup = ALONE, lse_kernel=None) -> None:
+    def __init__(self, ulysses=None, ring: AxisGroup = ALONE, lse_kernel=None) -> None:
         self.ulysses = ulysses
         self.ring = ring
         self.lse_kernel = lse_kernel
@@ -32,7 +33,7 @@ class SequenceParallelAttention:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
-        if self.ulysses.size > 1:
+        if self.ulysses is not None:
             query, key, value = self._exchange_projections(attn, hidden_states, rotary_emb)
         else:
             query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
@@ -47,10 +48,12 @@ class SequenceParallelAttention:
             keys = self.valid_keys[0] if self.valid_keys else None
             out = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys])
         out = out.transpose(1, 2)                                           # [B, n, h, d]
-        if self.ulysses.size > 1:
-            out = heads_to_tokens(out, self.ulysses)                        # [B, s, h, d]
-        out = out.flatten(2, 3).type_as(query)
-        out = attn.to_out[0](out)
+        if self.ulysses is not None:
+            self.ulysses.inputs_read()
+            out = self.ulysses.heads_to_tokens(out)                         # [B, s, h, d]
+        out = attn.to_out[0](out.flatten(2, 3).type_as(query))
+        if self.ulysses is not None:
+            self.ulysses.output_read()
         return attn.to_out[1](out)
 
     def _exchange_projections(self, attn, hidden_states: torch.Tensor, rotary_emb):
@@ -62,9 +65,11 @@ class SequenceParallelAttention:
         where the exchange can hide. Rotary runs after the exchange (it is per token and head, so the numbers are
         the same), on the ring block's frequencies; the order of operations changes nothing in the result.
         """
-        value = TokensToHeads(attn.to_v(hidden_states), attn.heads, self.ulysses)
-        query = TokensToHeads(attn.norm_q(attn.to_q(hidden_states)), attn.heads, self.ulysses)
-        key = TokensToHeads(attn.norm_k(attn.to_k(hidden_states)), attn.heads, self.ulysses)
+        exchange = self.ulysses
+        exchange.start()
+        value = exchange.send(attn.to_v(hidden_states), "v", attn.heads)
+        query = exchange.send(attn.norm_q(attn.to_q(hidden_states)), "q", attn.heads)
+        key = exchange.send(attn.norm_k(attn.to_k(hidden_states)), "k", attn.heads)
         query = query.wait()
         if rotary_emb is not None:
             query = apply_rotary(query, *rotary_emb)                        # while k travels
@@ -74,7 +79,7 @@ class SequenceParallelAttention:
         return query, key, value.wait()
 
 
-def install_self_attention(model: torch.nn.Module, ulysses: AxisGroup = ALONE, ring: AxisGroup = ALONE,
+def install_self_attention(model: torch.nn.Module, ulysses=None, ring: AxisGroup = ALONE,
                            lse_kernel=None) -> list[SequenceParallelAttention]:
     """Give every Wan block's self-attention a SequenceParallelAttention; returns them (in block order)."""
     processors = []

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from services.common.platform import PLATFORMS, is_available
+from services.denoiser.gang.exchange import EXCHANGE_ENV
 from tests.integration.test_gang import (
     REL_L2_TOLERANCE,
     REQUESTS,
@@ -43,26 +44,44 @@ def reference(model_dir, tmp_path_factory):
 # three steps at guidance 5 (measured 2.2e-5 and 1.1e-5 on an H200), which amplifies differences fivefold.
 TOLERANCE = {"ulysses2": REL_L2_TOLERANCE, "cfg2": REL_L2_TOLERANCE, "ring2": 1e-4, "tp2": 1e-4}
 LAYOUTS = {"ulysses2": ["--ulysses", "2"], "ring2": ["--ring", "2"], "cfg2": ["--cfg-parallel"], "tp2": ["--tp", "2"]}
+# Ulysses on each transport the platform has: the collective everywhere, copy engines where the platform says so.
+EXCHANGES = ["collective"] + (["copy-engine"] if PLATFORMS[ACCELERATOR or "cpu"].ulysses_exchange == "copy-engine"
+                              else [])
+RUNS = [(layout, None) for layout in sorted(LAYOUTS) if layout != "ulysses2"] + [
+    ("ulysses2", exchange) for exchange in EXCHANGES]
+COPY_ENGINE_LOG = "Ulysses exchange on copy engines"
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_gang_on_two_accelerators_equals_one(model_dir, tmp_path, reference, layout):
-    gang = DenoiserProcess(model_dir, tmp_path, [*FLOAT32, "--devices", "2", *LAYOUTS[layout]])
+@pytest.mark.parametrize("layout,exchange", RUNS)
+def test_gang_on_two_accelerators_equals_one(model_dir, tmp_path, reference, layout, exchange):
+    env = {EXCHANGE_ENV: exchange} if exchange else None
+    gang = DenoiserProcess(model_dir, tmp_path, [*FLOAT32, "--devices", "2", *LAYOUTS[layout]], env=env)
     try:
         for name, params in REQUESTS.items():
             latents, _ = denoise(gang.stub, params)
             error = relative_l2(latents, reference[name])
-            print(f"{ACCELERATOR} {layout} {name}: relative L2 {error:.2e}")
-            assert error <= TOLERANCE[layout], f"{layout} {name}: relative L2 error {error:.2e}"
+            print(f"{ACCELERATOR} {layout} {exchange or ''} {name}: relative L2 {error:.2e}")
+            assert error <= TOLERANCE[layout], f"{layout} {exchange} {name}: relative L2 error {error:.2e}"
     finally:
         assert gang.stop() == 0, "".join(gang.log[-30:])
+    if exchange:        # the transport asked for is the one that ran (no silent fallback)
+        assert (COPY_ENGINE_LOG in "".join(gang.log)) == (exchange == "copy-engine"), "".join(gang.log[-30:])
 
 
-def test_rank_killed_mid_request_ends_the_request_within_the_gang_timeout(model_dir, tmp_path):
-    # One device per rank, as one rank per pod sees it.
-    visible = "ZE_AFFINITY_MASK" if ACCELERATOR == "xpu" else "CUDA_VISIBLE_DEVICES"
+def _pinned(rank: int) -> dict:
+    """One device per rank, as one rank per pod sees it (Ulysses then exchanges over the collective)."""
+    return {"ZE_AFFINITY_MASK" if ACCELERATOR == "xpu" else "CUDA_VISIBLE_DEVICES": str(rank)}
+
+
+def _sharing_the_host(rank: int) -> dict:
+    """Both devices visible to both ranks, as `--devices 2` starts them (copy engines where the platform has them)."""
+    return {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+
+
+@pytest.mark.parametrize("per_rank_env", [_pinned, _sharing_the_host], ids=["pinned", "sharing-the-host"])
+def test_rank_killed_mid_request_ends_the_request_within_the_gang_timeout(model_dir, tmp_path, per_rank_env):
     with separate_ranks(model_dir, tmp_path, [*FLOAT32, "--gang-timeout", "10"],
-                        per_rank_env=lambda rank: {visible: str(rank)}) as (leader, worker):
+                        per_rank_env=per_rank_env) as (leader, worker):
         long_request = dict(REQUESTS["guided-45-tokens"], num_inference_steps=200)
         call = leader.stub.Denoise(request_messages(long_request), timeout=180)
         for event in call:

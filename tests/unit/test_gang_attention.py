@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from services.denoiser.attention import SequenceParallelAttention
-from services.denoiser.gang.attention import _lse_flash_cpu
+from services.denoiser.gang.attention import CollectiveExchange, _lse_flash_cpu
 from services.denoiser.gang.distributed import AxisGroup
 from services.denoiser.gang.launcher import free_port
 
@@ -40,7 +40,7 @@ def _rank(rank: int, port: int, batch: int, out_dir: str) -> None:
     try:
         attention = _attention_module()
         ulysses = AxisGroup(group=dist.new_group([0, 1]), ranks=[0, 1], index=rank)
-        processor = SequenceParallelAttention(ulysses, AxisGroup(None, [rank], 0), _lse_flash_cpu)
+        processor = SequenceParallelAttention(CollectiveExchange(ulysses), AxisGroup(None, [rank], 0), _lse_flash_cpu)
         processor.valid_keys = [TOKENS]
         attention.set_processor(processor)
         hidden, rotary = _inputs(batch)

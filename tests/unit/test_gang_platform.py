@@ -70,3 +70,47 @@ def test_cpu_lse_kernel_matches_the_reference_softmax():
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_ulysses_uses_copy_engines_on_cuda_only():
+    assert PLATFORMS["cuda"].ulysses_exchange == "copy-engine"
+    assert PLATFORMS["xpu"].ulysses_exchange == "collective"
+    assert PLATFORMS["cpu"].ulysses_exchange == "collective"
+
+
+def test_exchange_env_overrides_the_platform_and_rejects_unknown_names(monkeypatch):
+    from services.denoiser.gang.exchange import EXCHANGE_ENV, requested_exchange
+
+    monkeypatch.delenv(EXCHANGE_ENV, raising=False)
+    assert requested_exchange("copy-engine") == "copy-engine"
+    monkeypatch.setenv(EXCHANGE_ENV, " Collective ")
+    assert requested_exchange("copy-engine") == "collective"
+    monkeypatch.setenv(EXCHANGE_ENV, "nvlink")
+    with pytest.raises(ValueError, match=EXCHANGE_ENV):
+        requested_exchange("collective")
+
+
+def _gang_rank(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from services.denoiser.gang.attention import CollectiveExchange
+    from services.denoiser.gang.distributed import Gang
+    from services.denoiser.gang.exchange import EXCHANGE_ENV, ulysses_exchange
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{EXCHANGE_ENV: "copy-engine"})
+    gang = Gang(GangLayout(ulysses=2), PLATFORMS["cpu"], rank, 0)
+    try:
+        exchange = ulysses_exchange(gang)
+        with open(os.path.join(out_dir, f"rank{rank}"), "w") as out:
+            out.write(type(exchange).__name__ if isinstance(exchange, CollectiveExchange) else "other")
+    finally:
+        gang.close()
+
+
+def test_copy_engines_asked_for_where_they_cannot_run_fall_back_to_the_collective_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from services.denoiser.gang.launcher import free_port
+
+    mp.start_processes(_gang_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in range(2)] == ["CollectiveExchange"] * 2

@@ -95,6 +95,30 @@ def heads_to_tokens(x: torch.Tensor, ulysses: AxisGroup) -> torch.Tensor:
     return received.permute(1, 2, 0, 3, 4).reshape(batch, tokens, degree * local_heads, dim)
 
 
+class CollectiveExchange:
+    """Ulysses' exchanges as all-to-alls on the platform's collective backend: any device, any hosts. Same calls as
+    the copy-engine exchange (services/denoiser/gang/copy_engine.py); the buffers are the all-to-alls' own, so the
+    `*_read` calls have nothing to release."""
+
+    def __init__(self, ulysses: AxisGroup) -> None:
+        self.ulysses = ulysses
+
+    def start(self) -> None:
+        pass
+
+    def send(self, x: torch.Tensor, kind: str, heads: int) -> TokensToHeads:
+        return TokensToHeads(x, heads, self.ulysses)
+
+    def inputs_read(self) -> None:
+        pass
+
+    def heads_to_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        return heads_to_tokens(out, self.ulysses)
+
+    def output_read(self) -> None:
+        pass
+
+
 # Ring ----------------------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from services.denoiser.attention import install_self_attention
 from services.denoiser.gang.distributed import AxisGroup, Gang
+from services.denoiser.gang.exchange import ulysses_exchange
 
 
 def local_slice(x: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ class ParallelTransformer:
         self.sequence = gang.axis("sequence")
         self.ulysses = gang.axis("ulysses")
         self.ring = gang.axis("ring")
-        self.processors = install_self_attention(model, self.ulysses, self.ring, lse_kernel)
+        self.processors = install_self_attention(model, ulysses_exchange(gang), self.ring, lse_kernel)
 
     @property
     def dtype(self) -> torch.dtype:
