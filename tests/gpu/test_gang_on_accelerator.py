@@ -74,14 +74,15 @@ def _pinned(rank: int) -> dict:
 
 
 def _sharing_the_host(rank: int) -> dict:
-    """Both devices visible to both ranks, as `--devices 2` starts them (copy engines where the platform has them)."""
+    """Both devices visible to both ranks, each on its local rank's, as `--devices 2` starts them (copy engines where
+    the platform has them). The worker, local rank 1, serves no port."""
     return {"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
 
 
 @pytest.mark.parametrize("per_rank_env", [_pinned, _sharing_the_host], ids=["pinned", "sharing-the-host"])
 def test_rank_killed_mid_request_ends_the_request_within_the_gang_timeout(model_dir, tmp_path, per_rank_env):
-    with separate_ranks(model_dir, tmp_path, [*FLOAT32, "--gang-timeout", "10"],
-                        per_rank_env=per_rank_env) as (leader, worker):
+    with separate_ranks(model_dir, tmp_path, [*FLOAT32, "--gang-timeout", "10"], per_rank_env=per_rank_env,
+                        worker_serves_port=per_rank_env is _pinned) as (leader, worker):
         long_request = dict(REQUESTS["guided-45-tokens"], num_inference_steps=200)
         call = leader.stub.Denoise(request_messages(long_request), timeout=180)
         for event in call:
@@ -99,3 +100,5 @@ def test_rank_killed_mid_request_ends_the_request_within_the_gang_timeout(model_
         # which the platform layer sets to 1 s (PyTorch's default of 15 s made it 70 s in all on an H200).
         assert waited < 40
         assert leader.process.wait(timeout=60) != 0
+        copy_engines = per_rank_env is _sharing_the_host and "copy-engine" in EXCHANGES
+        assert (COPY_ENGINE_LOG in "".join(leader.log)) == copy_engines, "".join(leader.log[-30:])

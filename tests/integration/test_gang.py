@@ -52,7 +52,8 @@ LAYOUTS = {
 class DenoiserProcess:
     """`diffmesh serve denoiser ...` in its own process, on a free port."""
 
-    def __init__(self, model_dir: pathlib.Path, tmp: pathlib.Path, extra: list[str], env: dict | None = None) -> None:
+    def __init__(self, model_dir: pathlib.Path, tmp: pathlib.Path, extra: list[str], env: dict | None = None,
+                 serves_port: bool = True) -> None:
         port_file = tmp / f"port-{time.monotonic_ns()}"
         argv = [sys.executable, "-m", "diffmesh.cli", "serve", "denoiser", "--model", str(model_dir),
                 "--device", "cpu", "--port", "0", "--port-file", str(port_file), *extra]
@@ -60,6 +61,8 @@ class DenoiserProcess:
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
+        if not serves_port:             # a worker beside its leader on one host: it serves nothing
+            return
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -152,7 +155,8 @@ def test_cancelled_request_stops_every_rank_and_the_gang_serves_the_next(model_d
 
 
 @contextlib.contextmanager
-def separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, extra: list[str], per_rank_env=lambda rank: {}):
+def separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, extra: list[str], per_rank_env=lambda rank: {},
+                   worker_serves_port: bool = True):
     """Two ranks of a gang, each its own `diffmesh serve denoiser` joined by torch.distributed's env, as one
     rank per pod runs them; yields (leader, worker) and kills whatever is still running on exit."""
     from services.denoiser.gang.launcher import free_port
@@ -162,7 +166,8 @@ def separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, extra: list[
     ranks = {}
     # Started together: each blocks in the rendezvous until the other arrives.
     starting = [threading.Thread(target=lambda r=r: ranks.__setitem__(r, DenoiserProcess(
-        model_dir, tmp_path, extra, env={**base, "RANK": str(r), **per_rank_env(r)}))) for r in (0, 1)]
+        model_dir, tmp_path, extra, env={**base, "RANK": str(r), **per_rank_env(r)},
+        serves_port=r == 0 or worker_serves_port))) for r in (0, 1)]
     try:
         for thread in starting:
             thread.start()

@@ -95,8 +95,9 @@ def _rendezvous(tensor: torch.Tensor, group: dist.ProcessGroup):
 def unavailable_reason(ulysses: AxisGroup, control: dist.ProcessGroup) -> str | None:
     """Why this Ulysses group cannot use copy engines (None: it can). Collective over `control` (gloo; every gang
     rank calls it), so all ranks decide alike. Needs CUDA, cuda-bindings and symmetric memory on every rank, and
-    every rank able to reach its peers' devices (one host, peers visible, peer access): ranks pinned to one device
-    each, as one rank per pod runs, use the collective."""
+    every rank able to reach its peers' devices (one host, peers visible, peer access) under a device index of its
+    own (symmetric memory tells devices apart by index): ranks pinned to one device each, as one rank per pod runs,
+    use the collective."""
     reason = None
     try:
         import cuda.bindings.driver  # noqa: F401
@@ -105,10 +106,13 @@ def unavailable_reason(ulysses: AxisGroup, control: dist.ProcessGroup) -> str | 
         reason = f"{error.name} is not installed"
     if reason is None and not torch.cuda.is_available():
         reason = "no CUDA device"
-    device = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if reason is None else None
+    index = torch.cuda.current_device() if reason is None else None
+    device = str(torch.cuda.get_device_properties(index).uuid) if reason is None else None
     ranks: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, (reason, device), group=control)
+    dist.all_gather_object(ranks, (reason, device, index), group=control)
     reasons = sorted({ranks[rank][0] for rank in ulysses.ranks if ranks[rank][0]})
+    if not reasons and len({ranks[rank][2] for rank in ulysses.ranks}) < ulysses.size:
+        reasons = ["two Ulysses ranks use the same device index"]
 
     reaches_peers = False
     if not reasons:
@@ -136,7 +140,9 @@ class CopyEngineExchange:
         self.ulysses = ulysses
         self.degree, self.index = ulysses.size, ulysses.index
         self._driver = _Driver()
-        self._side = torch.cuda.Stream()
+        # One stream per destination: copies on different streams run on different copy engines at once, and each
+        # stream waits only on its own peer's "read" flags.
+        self._streams = [torch.cuda.Stream() for _ in range(self.degree)]
         self._epoch = 0
         self._capacity = -1
         self._buffer: torch.Tensor | None = None
@@ -194,26 +200,30 @@ class CopyEngineExchange:
         self._reserve(x.numel() * x.element_size())
         item = x.element_size()
         share = width // self.degree                                  # h/U * d elements per token
-        side = self._side
-        side.wait_stream(torch.cuda.current_stream())
-        x.record_stream(side)
-        stream = side.cuda_stream
-        if not self._inputs_free:
-            # Peers must be done with the previous epoch's q, k and v before any is overwritten.
-            own = self._peer_base[self.index]
-            for peer in range(self.degree):
+        own, offset = self._peer_base[self.index], self._region_offset(kind)
+        for peer, stream in self._streams_after_current(x):
+            if not self._inputs_free:
+                # The peer must be done with the previous epoch's q, k and v before any is overwritten.
                 self._driver.wait_at_least(stream, self._flag_address(own, READ_QKV, peer), self._epoch - 1)
-            self._inputs_free = True
-        offset = self._region_offset(kind)
-        for step in range(self.degree):
-            peer = (self.index + step) % self.degree
             for b in range(batch):
                 src = x.data_ptr() + (b * tokens * width + peer * share) * item
                 dst = self._peer_base[peer] + offset + (b * self.degree + self.index) * tokens * share * item
                 self._driver.copy_2d(stream, dst, share * item, src, width * item, share * item, tokens)
             self._driver.write(stream, self._flag_address(self._peer_base[peer], READY[kind], self.index),
                                self._epoch)
+        self._inputs_free = True
         return _Arrival(self, kind, (batch, self.degree * tokens, heads // self.degree, width // heads), x.dtype)
+
+    def _streams_after_current(self, tensor: torch.Tensor):
+        """(peer, stream handle) for every destination, each stream ordered after the work queued so far and
+        keeping `tensor`'s memory from reuse until its copies are done. Peers first, this rank's own share last."""
+        current = torch.cuda.current_stream()
+        for step in range(1, self.degree + 1):
+            peer = (self.index + step) % self.degree
+            stream = self._streams[peer]
+            stream.wait_stream(current)
+            tensor.record_stream(stream)
+            yield peer, stream.cuda_stream
 
     def _arrived(self, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         stream = torch.cuda.current_stream().cuda_stream
@@ -232,16 +242,9 @@ class CopyEngineExchange:
         out = out.contiguous()
         tokens, share, item = block_tokens // self.degree, local_heads * dim, out.element_size()
         width = share * self.degree
-        side = self._side
-        side.wait_stream(torch.cuda.current_stream())
-        out.record_stream(side)
-        stream = side.cuda_stream
-        own = self._peer_base[self.index]
-        offset = self._region_offset("out")
-        for peer in range(self.degree):
+        own, offset = self._peer_base[self.index], self._region_offset("out")
+        for peer, stream in self._streams_after_current(out):
             self._driver.wait_at_least(stream, self._flag_address(own, READ_OUT, peer), self._epoch - 1)
-        for step in range(self.degree):
-            peer = (self.index + step) % self.degree
             for b in range(batch):
                 src = out.data_ptr() + ((b * self.degree + peer) * tokens * share) * item
                 dst = self._peer_base[peer] + offset + (b * tokens * width + self.index * share) * item
