@@ -133,7 +133,7 @@ def unavailable_reason(ulysses: AxisGroup, control: dist.ProcessGroup) -> str | 
 
 class CopyEngineExchange:
     """Ulysses' two exchanges for one gang, on copy engines. One instance serves every layer, in this order per
-    self-attention: `start()`, `send(x, kind)` for v, q, k (each returns a pending result), their `wait()`s,
+    self-attention: `start()`, `send(x, kind, heads)` for v, q, k (each returns a pending result), their `wait()`s,
     attention, `inputs_read()`, `heads_to_tokens(out)`, the output projection, `output_read()`."""
 
     def __init__(self, ulysses: AxisGroup) -> None:
