@@ -70,16 +70,12 @@ class Mesh:
 
     @staticmethod
     def _terminate(children: list[subprocess.Popen], grace: float) -> None:
+        from services.common.processes import wait_then_kill
+
         running = [child for child in children if child.poll() is None]
         for child in running:
             child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in running:
-            try:
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        wait_then_kill(running, grace)
 
 
 def gang_flags(args: argparse.Namespace) -> list[str]:

@@ -217,11 +217,12 @@ class CopyEngineExchange:
     def _streams_after_current(self, tensor: torch.Tensor):
         """(peer, stream handle) for every destination, each stream ordered after the work queued so far and
         keeping `tensor`'s memory from reuse until its copies are done. Peers first, this rank's own share last."""
-        current = torch.cuda.current_stream()
+        queued = torch.cuda.Event()
+        queued.record(torch.cuda.current_stream())
         for step in range(1, self.degree + 1):
             peer = (self.index + step) % self.degree
             stream = self._streams[peer]
-            stream.wait_stream(current)
+            stream.wait_event(queued)
             tensor.record_stream(stream)
             yield peer, stream.cuda_stream
 

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from services.common.processes import wait_then_kill
+
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
@@ -63,11 +65,11 @@ def launch_gang(module: str, argv: list[str], devices: int, grace_seconds: float
             else:
                 logger.error("gang leader exited; stopping the gang")
             exit_code = 1
-            _stop_all(children, grace_seconds=5.0)
+            wait_then_kill(children, grace_seconds=5.0)
             break
         if leader_done:
             # The leader released the others; give them a moment to leave their process groups.
-            _stop_all(children, grace_seconds=10.0)
+            wait_then_kill(children, grace_seconds=10.0)
             break
         time.sleep(POLL_SECONDS)
     codes = [child.wait() for child in children]
@@ -75,11 +77,3 @@ def launch_gang(module: str, argv: list[str], devices: int, grace_seconds: float
         exit_code = 1
     return exit_code
 
-
-def _stop_all(children: list[subprocess.Popen], grace_seconds: float) -> None:
-    deadline = time.monotonic() + grace_seconds
-    for child in children:
-        try:
-            child.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
