@@ -1,5 +1,6 @@
 """All-to-all at the sizes Ulysses sends, alone on the device: what the exchange costs without compute or rank
-skew around it, and how fast each GPU runs the same attention kernel (a slow GPU makes every rank wait).
+skew around it, on NCCL and on copy engines (with a check that the copy-engine exchange delivers exactly what an
+all-gather says it should), and how fast each GPU runs the same attention kernel (a slow GPU makes every rank wait).
 A diagnostic for bench/gang.py; prints one JSON line per size from rank 0.
 
     python bench/alltoall.py --gpus 2            # launches the ranks itself
@@ -32,6 +33,68 @@ def timed_ms(fn, iterations: int) -> float:
     return start.elapsed_time(end) / iterations
 
 
+def copy_engine_exchanges(args: argparse.Namespace, rank: int, world: int, tokens: int) -> None:
+    """Ulysses' copy-engine exchange alone: q/k/v in (three sends, then their arrival) and the attention output
+    back, with every rank in step (the exchange's flags make each wait for the slowest peer)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from services.denoiser.gang.copy_engine import CopyEngineExchange, unavailable_reason
+    from services.denoiser.gang.distributed import AxisGroup
+
+    ulysses = AxisGroup(group=dist.group.WORLD, ranks=list(range(world)), index=rank)
+    control = dist.new_group(backend="gloo")
+    reason = unavailable_reason(ulysses, control)
+    if reason:
+        if rank == 0:
+            print(json.dumps({"copy_engine": f"unavailable: {reason}"}), flush=True)
+        return
+    heads = args.heads
+    torch.manual_seed(rank)
+    x = torch.randn(1, tokens, args.width, device="cuda", dtype=torch.bfloat16)
+    out = torch.randn(1, world * tokens, heads // world, args.width // heads, device="cuda", dtype=torch.bfloat16)
+    exchange = CopyEngineExchange(ulysses)
+
+    def inputs():
+        exchange.start()
+        arrivals = [exchange.send(x, kind, heads) for kind in ("v", "q", "k")]
+        received = [a.wait() for a in arrivals]
+        exchange.inputs_read()
+        exchange.output_read()
+        return received
+
+    def output():
+        exchange.start()
+        exchange.inputs_read()
+        received = exchange.heads_to_tokens(out)
+        exchange.output_read()
+        return received
+
+    def last_input():
+        exchange.start()
+        received = exchange.send(x, "k", heads).wait()
+        exchange.inputs_read()
+        exchange.output_read()
+        return received
+
+    row = {"exchange": "copy-engine"}
+    for name, fn in (("qkv_ms", inputs), ("one_input_ms", last_input), ("output_ms", output)):
+        row[name] = round(timed_ms(fn, args.iterations), 3)
+    check = inputs()[2]
+    expected = torch.cat(_gathered(x, world), dim=1)
+    expected = expected.view(1, world * tokens, world, -1)[:, :, rank]
+    row["exact"] = bool(torch.equal(check.flatten(2), expected))
+    outs = _gathered(out, world)                              # every rank's [B, U*s, h/U, d]
+    expected = torch.cat([o[:, rank * tokens:(rank + 1) * tokens] for o in outs], dim=2)
+    row["exact"] &= bool(torch.equal(output(), expected))
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+
+
+def _gathered(x: torch.Tensor, world: int) -> list[torch.Tensor]:
+    pieces = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(pieces, x)
+    return pieces
+
+
 def worker(args: argparse.Namespace) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(rank)
@@ -46,6 +109,7 @@ def worker(args: argparse.Namespace) -> None:
         if rank == 0:
             print(json.dumps({"world": world, "tensors": tensors, "mib_per_rank": round(numel * 2 / 2**20, 1),
                               "ms": round(ms, 3), "gb_per_s_out": round(sent_bytes / ms / 1e6, 1)}), flush=True)
+    copy_engine_exchanges(args, rank, world, tokens)
     # The same attention call on every GPU, timed on its own: differences here become waits in the gang.
     heads = args.heads // world
     q = torch.randn(1, heads, args.tokens, 128, device="cuda", dtype=torch.bfloat16)

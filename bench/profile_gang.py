@@ -89,18 +89,52 @@ def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> fl
     return total
 
 
+KERNEL_KINDS = (("communication", ("nccl",)), ("attention", ("fmha", "flash", "cudnn", "attention")),
+                ("gemm", ("gemm", "nvjet", "xmma", "cutlass")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
 def timeline(trace: pathlib.Path) -> dict:
     """Device time from a chrome trace, in ms: the span from first to last kernel, time with a compute kernel
-    running, time with nothing running, and communication time with no compute beside it (exposed)."""
-    events = [e for e in json.loads(trace.read_text())["traceEvents"]
-              if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    running, time with nothing running, and communication time with no compute beside it (exposed). Kernel time
+    per kind, and each idle gap charged to the kind of kernel that ends it (a gap before attention is waiting for
+    q/k/v; one before a GEMM that follows attention is waiting for the output), with the share of idle time in
+    which the host had not yet launched the next kernel (host-bound)."""
+    trace_events = json.loads(trace.read_text())["traceEvents"]
+    events = sorted((e for e in trace_events if e.get("cat") == "kernel" and e.get("ph") == "X"),
+                    key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in trace_events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     comm = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if "nccl" in e["name"].lower()])
     compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if "nccl" not in e["name"].lower()])
     busy = _union(comm + compute)
     span = (busy[-1][1] - busy[0][0]) if busy else 0.0
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[kernel_kind(e["name"])] = kinds.get(kernel_kind(e["name"]), 0.0) + e["dur"] / 1e3
+    gaps: dict[str, float] = {}
+    host_bound, busy_until, previous_kind = 0.0, None, None
+    for e in events:
+        if busy_until is not None and e["ts"] > busy_until:
+            gap = e["ts"] - busy_until
+            kind = kernel_kind(e["name"])
+            key = f"before {kind}" + (" after attention" if previous_kind == "attention" else "")
+            gaps[key] = gaps.get(key, 0.0) + gap / 1e3
+            launched = launches.get(e.get("args", {}).get("correlation"))
+            if launched is not None and launched > busy_until:
+                host_bound += min(gap, launched - busy_until) / 1e3
+        busy_until = max(busy_until or 0.0, e["ts"] + e["dur"])
+        previous_kind = kernel_kind(e["name"])
     return {"span_ms": span / 1e3, "compute_ms": _length(compute) / 1e3, "idle_ms": (span - _length(busy)) / 1e3,
             "communication_ms": _length(comm) / 1e3,
-            "communication_exposed_ms": (_length(comm) - _intersect(comm, compute)) / 1e3}
+            "communication_exposed_ms": (_length(comm) - _intersect(comm, compute)) / 1e3,
+            "kernel_ms": {k: round(v, 1) for k, v in sorted(kinds.items())},
+            "idle_ms_by_next_kernel": {k: round(v, 2) for k, v in sorted(gaps.items(), key=lambda kv: -kv[1])},
+            "idle_host_bound_ms": round(host_bound, 2)}
 
 
 def main() -> int:

@@ -147,6 +147,7 @@ class CopyEngineExchange:
         self._capacity = -1
         self._buffer: torch.Tensor | None = None
         self._handle = None                           # keeps the peers' mappings alive
+        self._peer_buffers: list[torch.Tensor] = []   # every rank's buffer, addressable from this device
         self._peer_base: list[int] = []
         self._inputs_free = False
 
@@ -173,7 +174,8 @@ class CopyEngineExchange:
         buffer[: self._region_offset(KINDS[0])].zero_()
         self._buffer = buffer
         self._handle = handle
-        self._peer_base = [handle.get_buffer(rank, (total,), torch.uint8).data_ptr() for rank in range(self.degree)]
+        self._peer_buffers = [handle.get_buffer(rank, (total,), torch.uint8) for rank in range(self.degree)]
+        self._peer_base = [peer.data_ptr() for peer in self._peer_buffers]
         self._epoch = 1                               # the epoch under way, counted again from the new flags' zero
         torch.cuda.synchronize()
         dist.barrier(group=self.ulysses.group)        # every rank's flags are zero before anyone writes them
@@ -181,10 +183,12 @@ class CopyEngineExchange:
         logger.info("Ulysses exchange on copy engines: %d ranks, %.1f MiB of symmetric memory per rank",
                     self.degree, total / 2**20)
 
-    def _region(self, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _region(self, kind: str, shape: tuple[int, ...], dtype: torch.dtype, rank: int | None = None) -> torch.Tensor:
+        """The receive buffer of `kind` on `rank` (default: this one), as a tensor of `shape`."""
         start = self._region_offset(kind)
         size = torch.Size(shape).numel() * dtype.itemsize
-        return self._buffer[start:start + size].view(dtype).view(shape)
+        buffer = self._buffer if rank is None else self._peer_buffers[rank]
+        return buffer[start:start + size].view(dtype).view(shape)
 
     # One self-attention ---------------------------------------------------------------------------------------
 
@@ -198,21 +202,52 @@ class CopyEngineExchange:
         batch, tokens, width = x.shape
         x = x.contiguous()
         self._reserve(x.numel() * x.element_size())
-        item = x.element_size()
         share = width // self.degree                                  # h/U * d elements per token
-        own, offset = self._peer_base[self.index], self._region_offset(kind)
-        for peer, stream in self._streams_after_current(x):
-            if not self._inputs_free:
-                # The peer must be done with the previous epoch's q, k and v before any is overwritten.
-                self._driver.wait_at_least(stream, self._flag_address(own, READ_QKV, peer), self._epoch - 1)
-            for b in range(batch):
-                src = x.data_ptr() + (b * tokens * width + peer * share) * item
-                dst = self._peer_base[peer] + offset + (b * self.degree + self.index) * tokens * share * item
-                self._driver.copy_2d(stream, dst, share * item, src, width * item, share * item, tokens)
-            self._driver.write(stream, self._flag_address(self._peer_base[peer], READY[kind], self.index),
-                               self._epoch)
+        by_peer = x.view(batch, tokens, self.degree, share)
+        rows = slice(self.index * tokens, (self.index + 1) * tokens)
+
+        def pair(peer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            received = self._region(kind, (batch, self.degree * tokens, share), x.dtype, peer)
+            return by_peer[:, :, peer], received[:, rows]
+
+        self._push(x, kind, pair, None if self._inputs_free else READ_QKV)
         self._inputs_free = True
         return _Arrival(self, kind, (batch, self.degree * tokens, heads // self.degree, width // heads), x.dtype)
+
+    def heads_to_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, U*s, h/U, d] -> [B, s, h, d]: peer p gets token block p of this rank's heads."""
+        batch, block_tokens, local_heads, dim = out.shape
+        out = out.contiguous()
+        tokens, share = block_tokens // self.degree, local_heads * dim
+        by_peer = out.view(batch, self.degree, tokens, share)
+        columns = slice(self.index * share, (self.index + 1) * share)
+
+        def pair(peer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            received = self._region("out", (batch, tokens, self.degree * share), out.dtype, peer)
+            return by_peer[:, peer], received[:, :, columns]
+
+        self._push(out, "out", pair, READ_OUT)
+        return self._arrived("out", (batch, tokens, local_heads * self.degree, dim), out.dtype)
+
+    def _push(self, tensor: torch.Tensor, kind: str, pair, read_flag: int | None) -> None:
+        """Copy every peer's share (pair(peer) -> (source view, destination view in the peer's buffer), each
+        [B, rows, width] with unit stride inside a row), then raise its ready flag for this epoch. `read_flag`:
+        wait first until the peer has read what the previous epoch left there."""
+        own = self._peer_base[self.index]
+        for peer, stream in self._streams_after_current(tensor):
+            if read_flag is not None:
+                self._driver.wait_at_least(stream, self._flag_address(own, read_flag, peer), self._epoch - 1)
+            source, destination = pair(peer)
+            self._copy(stream, source, destination)
+            self._driver.write(stream, self._flag_address(self._peer_base[peer], READY[kind], self.index),
+                               self._epoch)
+
+    def _copy(self, stream: int, source: torch.Tensor, destination: torch.Tensor) -> None:
+        item = source.element_size()
+        for b in range(source.shape[0]):
+            self._driver.copy_2d(stream, destination[b].data_ptr(), destination.stride(1) * item,
+                                 source[b].data_ptr(), source.stride(1) * item, source.shape[2] * item,
+                                 source.shape[1])
 
     def _streams_after_current(self, tensor: torch.Tensor):
         """(peer, stream handle) for every destination, each stream ordered after the work queued so far and
@@ -236,23 +271,6 @@ class CopyEngineExchange:
     def inputs_read(self) -> None:
         """After the last kernel that reads the received q, k, v has been queued."""
         self._tell_peers(READ_QKV)
-
-    def heads_to_tokens(self, out: torch.Tensor) -> torch.Tensor:
-        """[B, U*s, h/U, d] -> [B, s, h, d]: peer p gets token block p of this rank's heads."""
-        batch, block_tokens, local_heads, dim = out.shape
-        out = out.contiguous()
-        tokens, share, item = block_tokens // self.degree, local_heads * dim, out.element_size()
-        width = share * self.degree
-        own, offset = self._peer_base[self.index], self._region_offset("out")
-        for peer, stream in self._streams_after_current(out):
-            self._driver.wait_at_least(stream, self._flag_address(own, READ_OUT, peer), self._epoch - 1)
-            for b in range(batch):
-                src = out.data_ptr() + ((b * self.degree + peer) * tokens * share) * item
-                dst = self._peer_base[peer] + offset + (b * tokens * width + self.index * share) * item
-                self._driver.copy_2d(stream, dst, width * item, src, share * item, share * item, tokens)
-            self._driver.write(stream, self._flag_address(self._peer_base[peer], READY["out"], self.index),
-                               self._epoch)
-        return self._arrived("out", (batch, tokens, local_heads * self.degree, dim), out.dtype)
 
     def output_read(self) -> None:
         """After the last kernel that reads heads_to_tokens' result has been queued."""
