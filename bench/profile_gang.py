@@ -1,6 +1,7 @@
 """Where a gang step's time goes: torch.profiler over one transformer forward of one layout, on rank 0,
 kernels summed by name (communication, copies, attention, GEMMs), then a timeline summary: how long the
-device computed, how long it sat idle, and how much communication ran alone (not hidden behind compute).
+device computed, how long it sat idle (and before which kind of kernel, i.e. what it waited for), and how much
+communication ran alone (not hidden behind compute).
 A diagnostic for bench/gang.py.
 
     python bench/profile_gang.py --layout ulysses4 --size 720       # launches the ranks itself
