@@ -110,30 +110,31 @@ def timeline(trace: pathlib.Path) -> dict:
                     key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in trace_events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    comm = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if "nccl" in e["name"].lower()])
-    compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if "nccl" not in e["name"].lower()])
+    for e in events:
+        e["kind"] = kernel_kind(e["name"])
+    comm = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if e["kind"] == "communication"])
+    compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in events if e["kind"] != "communication"])
     busy = _union(comm + compute)
     span = (busy[-1][1] - busy[0][0]) if busy else 0.0
-    kinds: dict[str, float] = {}
-    for e in events:
-        kinds[kernel_kind(e["name"])] = kinds.get(kernel_kind(e["name"]), 0.0) + e["dur"] / 1e3
+    kernel_ms: dict[str, float] = {}
     gaps: dict[str, float] = {}
     host_bound, busy_until, previous_kind = 0.0, None, None
     for e in events:
+        kind = e["kind"]
+        kernel_ms[kind] = kernel_ms.get(kind, 0.0) + e["dur"] / 1e3
         if busy_until is not None and e["ts"] > busy_until:
             gap = e["ts"] - busy_until
-            kind = kernel_kind(e["name"])
             key = f"before {kind}" + (" after attention" if previous_kind == "attention" else "")
             gaps[key] = gaps.get(key, 0.0) + gap / 1e3
             launched = launches.get(e.get("args", {}).get("correlation"))
             if launched is not None and launched > busy_until:
                 host_bound += min(gap, launched - busy_until) / 1e3
         busy_until = max(busy_until or 0.0, e["ts"] + e["dur"])
-        previous_kind = kernel_kind(e["name"])
+        previous_kind = kind
     return {"span_ms": span / 1e3, "compute_ms": _length(compute) / 1e3, "idle_ms": (span - _length(busy)) / 1e3,
             "communication_ms": _length(comm) / 1e3,
             "communication_exposed_ms": (_length(comm) - _intersect(comm, compute)) / 1e3,
-            "kernel_ms": {k: round(v, 1) for k, v in sorted(kinds.items())},
+            "kernel_ms": {k: round(v, 1) for k, v in sorted(kernel_ms.items())},
             "idle_ms_by_next_kernel": {k: round(v, 2) for k, v in sorted(gaps.items(), key=lambda kv: -kv[1])},
             "idle_host_bound_ms": round(host_bound, 2)}
 
