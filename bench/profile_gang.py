@@ -131,12 +131,72 @@ def timeline(trace: pathlib.Path) -> dict:
                 host_bound += min(gap, launched - busy_until) / 1e3
         busy_until = max(busy_until or 0.0, e["ts"] + e["dur"])
         previous_kind = kind
+    # Copy-engine transfers (the copy-engine exchange's pushes): how long, how fast, and whether copies to
+    # different peers ever ran at the same time.
+    peer_copies = [(e["ts"], e["ts"] + e["dur"], e["args"].get("bytes", 0)) for e in trace_events
+                   if e.get("cat") == "gpu_memcpy" and e.get("ph") == "X" and "toDevice" in e.get("args", {})]
+    copies = {}
+    if peer_copies:
+        rates = sorted(size / (end - start) / 1e3 for start, end, size in peer_copies if end > start)
+        union = _length(_union([(a, b) for a, b, _ in peer_copies]))
+        copies = {"peer_copies": len(peer_copies), "peer_copy_ms": round(sum(b - a for a, b, _ in peer_copies) / 1e3, 1),
+                  "peer_copy_busy_ms": round(union / 1e3, 1), "median_gb_per_s": round(rates[len(rates) // 2], 1)}
     return {"span_ms": span / 1e3, "compute_ms": _length(compute) / 1e3, "idle_ms": (span - _length(busy)) / 1e3,
+            **({"copies": copies} if copies else {}),
             "communication_ms": _length(comm) / 1e3,
             "communication_exposed_ms": (_length(comm) - _intersect(comm, compute)) / 1e3,
             "kernel_ms": {k: round(v, 1) for k, v in sorted(kernel_ms.items())},
             "idle_ms_by_next_kernel": {k: round(v, 2) for k, v in sorted(gaps.items(), key=lambda kv: -kv[1])},
             "idle_host_bound_ms": round(host_bound, 2)}
+
+
+def _long_attention_calls(trace: pathlib.Path) -> list[dict]:
+    """This rank's kernels in time order, each long attention call (self-attention: at least half the longest
+    attention kernel; cross-attention over the 512 text tokens is far shorter) marked with its index."""
+    kernels = sorted((e for e in json.loads(trace.read_text())["traceEvents"]
+                      if e.get("cat") == "kernel" and e.get("ph") == "X"), key=lambda e: e["ts"])
+    attention = [e["dur"] for e in kernels if kernel_kind(e["name"]) == "attention"]
+    threshold = max(attention, default=0.0) / 2
+    calls = []
+    for index, e in enumerate(kernels):
+        if kernel_kind(e["name"]) == "attention" and e["dur"] >= threshold:
+            gemms = [k for k in kernels[:index] if kernel_kind(k["name"]) == "gemm"]
+            calls.append({"start": e["ts"], "end": e["ts"] + e["dur"],
+                          "last_gemm_end": gemms[-1]["ts"] + gemms[-1]["dur"] if gemms else e["ts"],
+                          "next_start": kernels[index + 1]["ts"] if index + 1 < len(kernels) else e["ts"] + e["dur"]})
+    return calls
+
+
+def across_ranks(traces: list[pathlib.Path]) -> dict:
+    """What the ranks' timelines say together, call by call of self-attention (the ranks' trace clocks are the
+    host's, so events on one host line up): every layer waits for the slowest GPU's attention (`imbalance_ms`:
+    the sum over calls of slowest minus mean), the input exchange costs the time from the last rank's last
+    projection to the last rank's attention start (norms and rotary included), and the output exchange the time
+    from the last attention to finish to that rank's next kernel."""
+    per_rank = [_long_attention_calls(trace) for trace in traces]
+    calls = min(len(c) for c in per_rank)
+    if calls == 0 or any(len(c) != calls for c in per_rank):
+        return {"error": f"ranks saw different numbers of attention calls: {[len(c) for c in per_rank]}"}
+    slowest_max = slowest_mean = input_ms = output_ms = 0.0
+    slowest_rank = [0] * len(per_rank)
+    spreads = []
+    for i in range(calls):
+        durations = [c[i]["end"] - c[i]["start"] for c in per_rank]
+        slowest_max += max(durations)
+        slowest_mean += sum(durations) / len(durations)
+        spreads.append((max(durations) - min(durations)) / (sum(durations) / len(durations)))
+        slowest_rank[durations.index(max(durations))] += 1
+        input_ms += max(c[i]["start"] for c in per_rank) - max(c[i]["last_gemm_end"] for c in per_rank)
+        last = max(per_rank, key=lambda c: c[i]["end"])
+        output_ms += last[i]["next_start"] - last[i]["end"]
+    return {"attention_calls": calls,
+            "attention_ms": {"sum_of_slowest": round(slowest_max / 1e3, 1), "sum_of_mean": round(slowest_mean / 1e3, 1),
+                             "per_rank": [round(sum(x["end"] - x["start"] for x in c) / 1e3, 1) for c in per_rank]},
+            "imbalance_ms": round((slowest_max - slowest_mean) / 1e3, 1),
+            "spread_pct": {"median": round(100 * sorted(spreads)[len(spreads) // 2], 1),
+                           "max": round(100 * max(spreads), 1)},
+            "calls_slowest_by_rank": slowest_rank,
+            "input_phase_ms": round(input_ms / 1e3, 1), "output_phase_ms": round(output_ms / 1e3, 1)}
 
 
 def main() -> int:
@@ -161,7 +221,13 @@ def main() -> int:
     if args.trace:
         argv += ["--trace", args.trace]
     processes = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
-    return max(p.wait() for p in processes)
+    code = max(p.wait() for p in processes)
+    if code == 0 and world > 1:
+        trace = pathlib.Path(args.trace or f"/tmp/profile-{args.layout}-{args.size}.json")
+        traces = [trace.with_name(f"{trace.stem}-rank{r}{trace.suffix}") for r in range(world)]
+        print(json.dumps({"layout": args.layout, "size": args.size, "across_ranks": across_ranks(traces)}),
+              flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -151,6 +151,12 @@ class CopyEngineExchange:
         self._peer_base: list[int] = []
         self._inputs_free = False
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Symmetric memory this rank holds for the exchange (outside PyTorch's caching allocator, so not in its
+        memory statistics); 0 before the first exchange."""
+        return 0 if self._buffer is None else self._buffer.numel()
+
     # Buffers ------------------------------------------------------------------------------------------------
 
     def _region_offset(self, kind: str) -> int:
