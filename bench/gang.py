@@ -69,6 +69,20 @@ def layout_size(flags: dict) -> int:
 # The worker: one rank of a gang ---------------------------------------------------------------------------
 
 
+def warm_up(fn, sync, agree, calls: int, seconds: float) -> None:
+    """At least `calls` calls and, with `seconds`, until that long has passed on rank 0: GPUs slow down as they
+    heat under their power limit, so a layout that runs right after another on a GPU it shares would otherwise
+    start with that GPU hot and the rest cool. `agree(go)` returns rank 0's decision to every rank (the ranks run
+    collectives together, so they must make the same number of calls)."""
+    started = time.perf_counter()
+    done = 0
+    while done < calls or agree(seconds > 0 and time.perf_counter() - started < seconds):
+        fn()
+        done += 1
+        if done >= calls:
+            sync()
+
+
 def timed(fn, sync, barrier, warmup: int, repeats: int) -> tuple[float, list[float]]:
     for _ in range(warmup):
         fn()
@@ -124,6 +138,11 @@ def worker(args: argparse.Namespace) -> int:
     def barrier() -> None:
         gang.barrier()
 
+    def agree(go: bool) -> bool:
+        decision = torch.tensor([int(go)])
+        dist.broadcast(decision, src=0, group=gang.control)
+        return bool(decision.item())
+
     rows = []
     for size in args.sizes:
         height, width = parse_size(size)
@@ -145,7 +164,10 @@ def worker(args: argparse.Namespace) -> int:
 
         row = {"layout": args.layout, "devices": layout.world_size, "size": f"{args.frames}x{height}x{width}",
                "load_s": round(load_s, 1), "exchange": exchange}
+        if args.gpu_label is not None:
+            row["gpu"] = args.gpu_label
         with torch.inference_mode():
+            warm_up(guided, platform.synchronize, agree, 1, args.warmup_s)
             if layout.cfg == 1:
                 row["forward_ms"], runs = timed(forward, platform.synchronize, barrier, args.warmup, args.repeats)
                 row["forward_runs_ms"] = [round(r, 1) for r in runs]
@@ -171,7 +193,8 @@ def worker(args: argparse.Namespace) -> int:
             for name, value in outputs.items():
                 path = reference_dir / f"{name}-{size}.pt"
                 if args.layout == "1":
-                    torch.save(value, path)
+                    if args.gpu_label in (None, "0"):        # one reference, however many GPUs ran alone
+                        torch.save(value, path)
                 elif path.exists():
                     reference = torch.load(path)
                     row[f"rel_err_{name}"] = float((value - reference).norm() / reference.norm())
@@ -208,6 +231,34 @@ def run_ranks(argv: list[str], world: int, env_extra: dict | None = None, timeou
     if any(codes) or not rows:
         tail = "\n".join(output.splitlines()[-15:])
         return [{"error": f"exit codes {codes}", "log_tail": tail}]
+    return rows
+
+
+def run_alone_on_every_gpu(argv: list[str], gpus: int) -> list[dict]:
+    """The one-GPU layout on each of `gpus` GPUs at once, one independent process each: GPUs of one host differ by
+    a few percent under their power limit, and a gang runs at its slowest one's pace, so GPU 0 alone is not a fair
+    "one GPU". Returns GPU 0's rows, each with every GPU's times added (`per_gpu_*`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.denoiser.gang.launcher import free_port
+
+    ports: list[int] = []
+    while len(ports) < gpus:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    with ThreadPoolExecutor(gpus) as pool:
+        runs = list(pool.map(lambda i: run_ranks([*argv, "--gpu-label", str(i)], 1,
+                                                 {"CUDA_VISIBLE_DEVICES": str(i), "MASTER_PORT": str(ports[i])}),
+                             range(gpus)))
+    rows = runs[0]
+    for row in rows:
+        if "error" in row:
+            continue
+        same_size = [next((r for r in run if r.get("size") == row["size"] and "error" not in r), None) for run in runs]
+        for key in ("forward_ms", "guided_step_ms"):
+            if key in row:
+                row[f"per_gpu_{key}"] = [round(r[key], 1) if r else None for r in same_size]
     return rows
 
 
@@ -254,10 +305,13 @@ def driver(args: argparse.Namespace) -> int:
     for name, exchange in runs:
         world = layout_size(LAYOUTS[name])
         started = time.monotonic()
-        rows = run_ranks([__file__, "worker", "--layout", name, "--model", str(model), "--sizes", sizes,
-                          "--reference-dir", args.reference_dir, "--warmup", str(args.warmup),
-                          "--repeats", str(args.repeats), "--device", device_platform.kind,
-                          "--frames", str(args.frames)], world, {EXCHANGE_ENV: exchange} if exchange else None)
+        argv = [__file__, "worker", "--layout", name, "--model", str(model), "--sizes", sizes,
+                "--reference-dir", args.reference_dir, "--warmup", str(args.warmup), "--warmup-s", str(args.warmup_s),
+                "--repeats", str(args.repeats), "--device", device_platform.kind, "--frames", str(args.frames)]
+        if name == "1" and gpus > 1 and device_platform.kind == "cuda" and not args.single_on_gpu0:
+            rows = run_alone_on_every_gpu(argv, gpus)
+        else:
+            rows = run_ranks(argv, world, {EXCHANGE_ENV: exchange} if exchange else None)
         for row in rows:
             row.setdefault("layout", name)
             row.setdefault("exchange", exchange)
@@ -288,6 +342,10 @@ def write_report(args, device_platform, gpus: int, model: pathlib.Path, results:
         if "forward_loop_ms" in row and "forward_loop_ms" in base:
             row["loop_speedup"] = round(base["forward_loop_ms"] / row["forward_loop_ms"], 2)
         row["guided_speedup"] = round(base["guided_step_ms"] / row["guided_step_ms"], 2)
+        for key, speedup in (("forward_ms", "speedup_vs_mean_gpu"), ("guided_step_ms", "guided_speedup_vs_mean_gpu")):
+            alone = [ms for ms in base.get(f"per_gpu_{key}", []) if ms]
+            if alone and key in row:
+                row[speedup] = round(statistics.mean(alone) / row[key], 3)
 
     now = datetime.datetime.now(datetime.timezone.utc)
     report = {
@@ -295,7 +353,8 @@ def write_report(args, device_platform, gpus: int, model: pathlib.Path, results:
         "gpus": gpus, "platform": device_platform.kind, "dtype": "bfloat16", "python": host.python_version(),
         "torch": torch.__version__, "diffusers": diffusers.__version__,
         "model": str(model), "frames": args.frames,
-        "text_tokens": TEXT_TOKENS, "guidance_scale": GUIDANCE, "warmup": args.warmup, "repeats": args.repeats,
+        "text_tokens": TEXT_TOKENS, "guidance_scale": GUIDANCE, "warmup": args.warmup, "warmup_s": args.warmup_s,
+        "repeats": args.repeats,
         "results": results, "peers": peers,
     }
     out = pathlib.Path(args.out)
@@ -333,8 +392,15 @@ def main() -> int:
     parser.add_argument("--sizes", type=lambda s: s.split(","), default=["480", "720"], help="480, 720 or HxW")
     parser.add_argument("--frames", type=int, default=FRAMES)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup-s", type=float, default=0.0,
+                        help="before timing each layout, run guided steps this long, so every GPU it uses is as warm "
+                             "as in sustained serving (0: just the --warmup calls)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--single-on-gpu0", action="store_true",
+                        help="run the one-GPU layout on GPU 0 only (default on CUDA: on every GPU at once, each alone, "
+                             "and report speedups against GPU 0 and against the GPUs' mean)")
+    parser.add_argument("--gpu-label", default=None, help="worker: which GPU a one-GPU run is on (for its row)")
     parser.add_argument("--no-single", action="store_true",
                         help="skip the one-GPU reference (no speedup or error columns): for A/B runs of one layout")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"diffusers runs, from {','.join(PEERS)}")
