@@ -157,12 +157,14 @@ def _long_attention_calls(trace: pathlib.Path) -> list[dict]:
                       if e.get("cat") == "kernel" and e.get("ph") == "X"), key=lambda e: e["ts"])
     attention = [e["dur"] for e in kernels if kernel_kind(e["name"]) == "attention"]
     threshold = max(attention, default=0.0) / 2
-    calls = []
+    calls, last_gemm_end = [], None
     for index, e in enumerate(kernels):
-        if kernel_kind(e["name"]) == "attention" and e["dur"] >= threshold:
-            gemms = [k for k in kernels[:index] if kernel_kind(k["name"]) == "gemm"]
+        kind = kernel_kind(e["name"])
+        if kind == "gemm":
+            last_gemm_end = e["ts"] + e["dur"]
+        elif kind == "attention" and e["dur"] >= threshold:
             calls.append({"start": e["ts"], "end": e["ts"] + e["dur"],
-                          "last_gemm_end": gemms[-1]["ts"] + gemms[-1]["dur"] if gemms else e["ts"],
+                          "last_gemm_end": e["ts"] if last_gemm_end is None else last_gemm_end,
                           "next_start": kernels[index + 1]["ts"] if index + 1 < len(kernels) else e["ts"] + e["dur"]})
     return calls
 
