@@ -29,11 +29,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from services.common.tiny_model import write_tiny_model
+    from services.common.tiny import write_tiny
 
     started = time.monotonic()
-    path = write_tiny_model(args.dir, seed=args.seed)
-    print(f"wrote tiny Wan2.1 model to {path} in {time.monotonic() - started:.1f}s")
+    path = write_tiny(args.dir, family=args.family, seed=args.seed)
+    print(f"wrote tiny {args.family} model to {path} in {time.monotonic() - started:.1f}s")
     return 0
 
 
@@ -43,10 +43,11 @@ class Mesh:
     def __init__(self) -> None:
         self.children: dict[str, subprocess.Popen] = {}
 
-    def spawn(self, name: str, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str], stage: str | None = None) -> None:
+        """Start `stage` (default: `name`) as the child called `name`."""
         # Own process group, so a Ctrl-C in the terminal reaches only us and we stop children in order.
         self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", STAGE_MODULES[name], *argv], start_new_session=True
+            [sys.executable, "-m", STAGE_MODULES[stage or name], *argv], start_new_session=True
         )
 
     def wait_for_file(self, name: str, path: pathlib.Path, timeout: float) -> str:
@@ -92,16 +93,18 @@ def gang_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+STAGES = ("encoder", "denoiser", "decoder")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.common.models import resolve_model_dir
 
     # Written here, before any stage starts, so the stages never race to create the same directory.
-    model = resolve_model_dir(args.model)
-    common = ["--model", str(model.path), "--model-name", model.name, "--host", args.host]
-    if args.device:
-        common += ["--device", args.device]
-    if args.dtype:
-        common += ["--dtype", args.dtype]
+    models = [resolve_model_dir(path) for path in (args.model or [None])]
+    names = [model.name for model in models]
+    if len(set(names)) != len(names):
+        print(f"diffmesh up: two --model directories share a name: {names}", file=sys.stderr)
+        return 2
     mesh = Mesh()
     stop_requested = False
 
@@ -114,17 +117,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="diffmesh-up-") as tmp:
         ports = pathlib.Path(tmp)
         try:
-            for stage in ("encoder", "denoiser", "decoder"):
-                extra = gang_flags(args) if stage == "denoiser" else []
-                mesh.spawn(stage, [*common, *extra, "--port", "0", "--port-file", str(ports / stage)])
-            addresses = {
-                stage: f"{args.host}:{mesh.wait_for_file(stage, ports / stage, args.start_timeout)}"
-                for stage in ("encoder", "denoiser", "decoder")
-            }
+            # Each model has its own stage processes: its pools scale, fail and restart on their own.
+            for index, model in enumerate(models):
+                common = ["--model", str(model.path), "--model-name", model.name, "--host", args.host]
+                if args.device:
+                    common += ["--device", args.device]
+                if args.dtype:
+                    common += ["--dtype", args.dtype]
+                for stage in STAGES:
+                    extra = gang_flags(args) if stage == "denoiser" else []
+                    port_file = ports / f"{index}-{stage}"
+                    mesh.spawn(f"{model.name}/{stage}", [*common, *extra, "--port", "0", "--port-file",
+                                                         str(port_file)], stage)
+            addresses = [
+                {stage: f"{args.host}:" + mesh.wait_for_file(f"{model.name}/{stage}", ports / f"{index}-{stage}",
+                                                             args.start_timeout)
+                 for stage in STAGES}
+                for index, model in enumerate(models)
+            ]
             gateway_argv = [
                 "--host", args.host, "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
-                "--model-name", model.name, "--port-file", str(ports / "gateway"),
-                *[f"--{stage}={address}" for stage, address in addresses.items()],
+                "--port-file", str(ports / "gateway"),
+                *[f"--route={model.name} " + " ".join(f"{stage}={address}" for stage, address in stages.items())
+                  for model, stages in zip(models, addresses, strict=True)],
             ]
             if args.default_size:
                 gateway_argv += ["--default-size", args.default_size]
@@ -133,9 +148,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             mesh.spawn("gateway", gateway_argv)
             grpc_port, http_port = mesh.wait_for_file("gateway", ports / "gateway", args.start_timeout).split()
             wait_healthy(f"http://{args.host}:{http_port}/health", mesh, args.start_timeout)
-            stages = " ".join(f"{stage}={address}" for stage, address in addresses.items())
+            for model, stages in zip(models, addresses, strict=True):
+                listed = " ".join(f"{stage}={address}" for stage, address in stages.items())
+                print(f"diffmesh serves: model={model.name} {listed}", flush=True)
+            first = " ".join(f"{stage}={address}" for stage, address in addresses[0].items())
             print(f"{READY_PREFIX} gateway grpc={args.host}:{grpc_port} http=http://{args.host}:{http_port} "
-                  f"model={model.name} {stages}", flush=True)
+                  f"model={models[0].name} {first}", flush=True)
             while not stop_requested:
                 mesh.check_alive()
                 time.sleep(0.2)
@@ -220,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help="start encoder, denoiser, decoder and gateway locally")
-    up.add_argument("--model", default=None, help="diffusers model directory (default: the tiny Wan2.1 model)")
+    up.add_argument("--model", action="append", default=None, metavar="DIR",
+                    help="diffusers model directory to serve; repeat to serve several, the first is the default "
+                    "(default: the tiny Wan2.1 model)")
     up.add_argument("--device", default=None, help="auto, xpu, cuda or cpu")
     up.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights dtype (auto: float32 on cpu, bfloat16 on accelerators)")
@@ -230,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--default-size", default=None, metavar="WxH", help="size when a request gives none")
     up.add_argument("--default-steps", type=int, default=None, help="steps when a request gives none")
     up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for every service")
-    gang = up.add_argument_group("denoiser gang", "the denoiser on several devices (devices = cfg x ring x ulysses x tp)")
+    gang = up.add_argument_group("denoiser gang",
+                                 "the denoiser on several devices (devices = cfg x ring x ulysses x tp)")
     gang.add_argument("--devices", type=int, default=None, help="devices in the denoiser gang (default 1)")
     gang.add_argument("--ulysses", type=int, default=None, help="Ulysses sequence-parallel degree")
     gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree")
@@ -256,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", required=True, help="FILE.png or FILE.mp4")
     gen.set_defaults(func=cmd_generate)
 
-    tiny = sub.add_parser("tiny-model", help="write the tiny random-weight Wan2.1 model directory (offline)")
+    from services.common.tiny import WRITERS
+
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model directory of a family (offline)")
     tiny.add_argument("dir")
+    tiny.add_argument("--family", default="wan", choices=sorted(WRITERS), help="model family (default: wan)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
     return parser

@@ -6,8 +6,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelDescription(_message.Message):
+    __slots__ = ("id", "limits")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    limits: _tensor_pb2.ModelLimits
+    def __init__(self, id: _Optional[str] = ..., limits: _Optional[_Union[_tensor_pb2.ModelLimits, _Mapping]] = ...) -> None: ...
+
 class DenoiseParams(_message.Message):
-    __slots__ = ("request_id", "model", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "num_outputs")
+    __slots__ = ("request_id", "model", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "num_outputs", "true_cfg_scale", "guidance_scale_2")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +29,8 @@ class DenoiseParams(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     width: int
@@ -26,7 +40,9 @@ class DenoiseParams(_message.Message):
     guidance_scale: float
     seed: int
     num_outputs: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_outputs: _Optional[int] = ...) -> None: ...
+    true_cfg_scale: float
+    guidance_scale_2: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_outputs: _Optional[int] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("params", "tensor")

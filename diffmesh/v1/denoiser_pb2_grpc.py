@@ -39,15 +39,28 @@ class DenoiserStub:
                 request_serializer=diffmesh_dot_v1_dot_denoiser__pb2.DenoiseRequest.SerializeToString,
                 response_deserializer=diffmesh_dot_v1_dot_denoiser__pb2.DenoiseEvent.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/diffmesh.v1.Denoiser/Describe',
+                request_serializer=diffmesh_dot_v1_dot_denoiser__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=diffmesh_dot_v1_dot_denoiser__pb2.ModelDescription.FromString,
+                _registered_method=True)
 
 
 class DenoiserServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Denoise(self, request_iterator, context):
-        """Client stream: one DenoiseRequest{params} first, then the embeddings ("prompt_embeds", and
-        "negative_prompt_embeds" when guidance_scale > 1) as TensorChunks.
-        Server stream: one Progress per denoising step, then "latents" float32 [n, C, T, H/8, W/8] as TensorChunks.
+        """Client stream: one DenoiseRequest{params} first, then the encoder's conditioning tensors as TensorChunks,
+        by the names the model's family takes (e.g. "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds").
+        Server stream: one Progress per denoising step, then "latents" float32 as TensorChunks ([n, C, T, h, w] for
+        video families, [n, C, h, w] for image families).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Describe(self, request, context):
+        """The served model's id and limits (from its family), for the gateway.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +73,11 @@ def add_DenoiserServicer_to_server(servicer, server):
                     servicer.Denoise,
                     request_deserializer=diffmesh_dot_v1_dot_denoiser__pb2.DenoiseRequest.FromString,
                     response_serializer=diffmesh_dot_v1_dot_denoiser__pb2.DenoiseEvent.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=diffmesh_dot_v1_dot_denoiser__pb2.DescribeRequest.FromString,
+                    response_serializer=diffmesh_dot_v1_dot_denoiser__pb2.ModelDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class Denoiser:
             '/diffmesh.v1.Denoiser/Denoise',
             diffmesh_dot_v1_dot_denoiser__pb2.DenoiseRequest.SerializeToString,
             diffmesh_dot_v1_dot_denoiser__pb2.DenoiseEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffmesh.v1.Denoiser/Describe',
+            diffmesh_dot_v1_dot_denoiser__pb2.DescribeRequest.SerializeToString,
+            diffmesh_dot_v1_dot_denoiser__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,8 +46,9 @@ class EncoderServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
-        """Streams "prompt_embeds" and then, when with_negative is set, "negative_prompt_embeds",
-        each float32 [1, max_sequence_length, hidden], as TensorChunks.
+        """Streams the model family's conditioning tensors (float32) as TensorChunks: e.g. "prompt_embeds"
+        [1, max_sequence_length, hidden], "pooled_prompt_embeds" [1, hidden], and their "negative_" twins when
+        the request's guidance runs a negative branch (the family decides, from the scales below).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

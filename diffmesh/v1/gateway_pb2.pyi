@@ -25,7 +25,7 @@ JOB_STATUS_FAILED: JobStatus
 JOB_STATUS_CANCELLED: JobStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id", "true_cfg_scale", "guidance_scale_2")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class GenerateRequest(_message.Message):
     RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_FRAMES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -56,7 +58,9 @@ class GenerateRequest(_message.Message):
     return_latents: bool
     return_frames: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    true_cfg_scale: float
+    guidance_scale_2: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed")
@@ -129,14 +133,16 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "task", "created")
+    __slots__ = ("id", "task", "created", "limits")
     ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     task: str
     created: int
-    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., created: _Optional[int] = ...) -> None: ...
+    limits: _tensor_pb2.ModelLimits
+    def __init__(self, id: _Optional[str] = ..., task: _Optional[str] = ..., created: _Optional[int] = ..., limits: _Optional[_Union[_tensor_pb2.ModelLimits, _Mapping]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

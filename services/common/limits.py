@@ -13,14 +13,14 @@ MAX_FRAMES = 1025
 MAX_OUTPUTS = 10
 
 
-def check_side(field: str, value: int, multiple: int) -> None:
-    if value % multiple or not multiple <= value <= MAX_SIDE:
-        raise InvalidArgument(field, f"{value} must be a multiple of {multiple} in {multiple}..{MAX_SIDE}")
+def check_side(field: str, value: int, multiple: int, max_side: int = MAX_SIDE) -> None:
+    if value % multiple or not multiple <= value <= max_side:
+        raise InvalidArgument(field, f"{value} must be a multiple of {multiple} in {multiple}..{max_side}")
 
 
-def check_frames(num_frames: int, temporal: int = 4) -> None:
-    if (num_frames - 1) % temporal or not 1 <= num_frames <= MAX_FRAMES:
-        raise InvalidArgument("num_frames", f"{num_frames} must be of the form {temporal}k+1 in 1..{MAX_FRAMES}")
+def check_frames(num_frames: int, temporal: int = 4, max_frames: int = MAX_FRAMES) -> None:
+    if (num_frames - 1) % temporal or not 1 <= num_frames <= max_frames:
+        raise InvalidArgument("num_frames", f"{num_frames} must be of the form {temporal}k+1 in 1..{max_frames}")
 
 
 def check_steps(num_inference_steps: int) -> None:
@@ -28,9 +28,9 @@ def check_steps(num_inference_steps: int) -> None:
         raise InvalidArgument("num_inference_steps", f"{num_inference_steps} is outside 1..{MAX_STEPS}")
 
 
-def check_guidance(guidance_scale: float) -> None:
+def check_guidance(guidance_scale: float, field: str = "guidance_scale") -> None:
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise InvalidArgument("guidance_scale", f"{guidance_scale} must be finite and >= 0")
+        raise InvalidArgument(field, f"{guidance_scale} must be finite and >= 0")
 
 
 def check_outputs(n: int) -> None:

@@ -27,6 +27,15 @@ class ModelDir:
     name: str                       # the id clients use in requests and GET /v1/models
     index: dict
 
+    @property
+    def pipeline_class_name(self) -> str:
+        return str(self.index.get("_class_name", ""))
+
+    def has(self, component: str) -> bool:
+        """Whether model_index.json names a loadable class for `component` (absent ones are [null, null])."""
+        entry = self.index.get(component)
+        return bool(entry) and isinstance(entry, list) and entry[0] in _LIBRARIES
+
     def component_class(self, component: str) -> type:
         entry = self.index.get(component)
         if not entry or entry[0] not in _LIBRARIES:

@@ -64,7 +64,11 @@ class StageSpec:
 async def serve_stage(spec: StageSpec, args: argparse.Namespace) -> None:
     """Load the model, then serve until SIGTERM. Health turns SERVING only once the engine is ready."""
     platform, model, dtype = setup_stage(spec.name, args)
-    await serve_engine(spec, args, spec.engine_class(model, platform, dtype))
+    try:
+        engine = spec.engine_class(model, platform, dtype)
+    except (ValueError, OSError) as error:      # e.g. a pipeline no family serves, a component missing
+        raise StartupError(str(error)) from error
+    await serve_engine(spec, args, engine)
 
 
 async def serve_engine(spec: StageSpec, args: argparse.Namespace, engine) -> None:

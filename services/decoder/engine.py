@@ -1,7 +1,7 @@
 """VAE decoding: latents -> frames in 0..1 -> PNG / MP4.
 
-De-normalises with the VAE's latents_mean / latents_std and post-processes exactly as WanPipeline does after
-its loop, so the frames equal `WanPipeline(output_type="np")`'s.
+The model's family de-normalises, decodes and post-processes exactly as its pipeline does after its loop, so
+the frames equal the pipeline's `output_type="np"`; this engine checks, and encodes the files.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import logging
 
 import numpy as np
 import torch
-from diffusers.video_processor import VideoProcessor
 
 from services.common.errors import InvalidArgument
 from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.decoder import media
+from services.families import family_for
 
 logger = logging.getLogger(__name__)
 
@@ -47,46 +47,29 @@ class DecoderEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None) -> None:
         self.model_name = model.name
         self.device = platform.device()
-        self.vae = model.load("vae", dtype=dtype or platform.default_dtype(), device=self.device)
-        config = self.vae.config
-        self.z_dim = int(config.z_dim)
-        self.latents_mean = torch.tensor(config.latents_mean).view(1, self.z_dim, 1, 1, 1)
-        self.latents_std = torch.tensor(config.latents_std).view(1, self.z_dim, 1, 1, 1)
-        self.video_processor = VideoProcessor(vae_scale_factor=int(config.scale_factor_spatial))
-        logger.info("decoder loaded %s on %s (%s)", model.path, self.device, self.vae.dtype)
+        self.family = family_for(model)
+        self.decoding = self.family.decoding(model, dtype or platform.default_dtype(), self.device)
+        logger.info("decoder loaded %s (%s family) on %s", model.path, self.family.name, self.device)
 
     def check(self, params: DecodeParams, latents: torch.Tensor) -> None:
         if params.format not in FORMATS:
             raise InvalidArgument("format", f"{params.format!r} is not one of {FORMATS}")
         if not 1 <= params.fps <= 120:
             raise InvalidArgument("fps", f"{params.fps} is outside 1..120")
-        if latents.dim() != 5 or latents.shape[1] != self.z_dim:
-            raise InvalidArgument("latents", f"shape {list(latents.shape)} is not [n, {self.z_dim}, T, H, W]")
         if not latents.is_floating_point():
             raise InvalidArgument("latents", f"dtype {latents.dtype} is not a floating point type")
-        if params.format == "png" and latents.shape[2] != 1:
+        self.decoding.check(latents)
+        if params.format == "png" and latents.dim() == 5 and latents.shape[2] != 1:
             raise InvalidArgument("format", "png holds one frame; use mp4 for num_frames > 1")
 
     @torch.inference_mode()
     def decode(self, params: DecodeParams, latents: torch.Tensor) -> Decoded:
         # 1. Check inputs
         self.check(params, latents)
-        # 2. De-normalise: the transformer works in the VAE's normalised latent space
-        dtype = self.vae.dtype
-        latents = latents.to(self.device, dtype)
-        mean = self.latents_mean.to(self.device, dtype)
-        # Cast, then invert, in the VAE's dtype: WanPipeline's `1.0 / tensor(std).to(dtype)` does exactly that,
-        # and in bfloat16 inverting first gives different frames.
-        inv_std = 1.0 / self.latents_std.to(self.device, dtype)
-        latents = latents / inv_std + mean
-        # 3. VAE decode
-        video = self.vae.decode(latents, return_dict=False)[0]                       # [n, 3, F, H, W]
-        # 4. Post-process as WanPipeline's VideoProcessor does (denormalize in the VAE's dtype, then float32),
-        # but on the device: only uint8 pixels, and float frames when asked, cross to the CPU.
-        if self.video_processor.config.do_normalize:
-            video = self.video_processor.denormalize(video)
-        frames = video.permute(0, 2, 3, 4, 1).float()                                # [n, F, H, W, 3]
-        # 5. Encode files; pixels round as diffusers' numpy_to_pil does
+        # 2. The family's decode: de-normalise, VAE decode, post-process as its pipeline does (on the device)
+        frames = self.decoding.decode(latents)                                       # [n, F, H, W, 3]
+        # 3. Encode files; pixels round as diffusers' numpy_to_pil does. Only uint8 pixels, and float frames
+        # when asked, cross to the CPU.
         fmt = params.format
         if fmt == "auto":
             fmt = "png" if frames.shape[1] == 1 else "mp4"

@@ -20,7 +20,6 @@ import grpc
 
 from diffmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
 from services.common import logs
-from services.common.errors import InvalidArgument
 from services.common.models import check_model, resolve_model_dir
 from services.common.platform import select_platform
 from services.common.server import AdmissionGate, StartupError, rpc_method, run_server, run_until_stopped
@@ -35,14 +34,14 @@ from services.common.stage import (
 from services.common.tensors import iter_chunks, receive_params_and_tensors
 from services.denoiser.engine import DenoiseParams, DenoiserEngine
 from services.denoiser.gang.distributed import DEFAULT_COLLECTIVE_TIMEOUT, Gang, env_rank
-from services.denoiser.gang.engine import GangDenoiserEngine
+from services.denoiser.gang.engine import GangDenoiserEngine, check_gang_family
 from services.denoiser.gang.launcher import launch_gang
 from services.denoiser.gang.layout import GangLayout, LayoutError
+from services.families.wire import limits_to_proto
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50062
-EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds")
 
 
 def params_from_proto(message: denoiser_pb2.DenoiseParams) -> DenoiseParams:
@@ -55,6 +54,8 @@ def params_from_proto(message: denoiser_pb2.DenoiseParams) -> DenoiseParams:
         guidance_scale=message.guidance_scale,
         seed=message.seed,
         num_outputs=message.num_outputs or 1,
+        true_cfg_scale=message.true_cfg_scale if message.HasField("true_cfg_scale") else 1.0,
+        guidance_scale_2=message.guidance_scale_2 if message.HasField("guidance_scale_2") else None,
     )
 
 
@@ -65,14 +66,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
     @rpc_method
     async def Denoise(self, request_iterator, context: grpc.aio.ServicerContext):
-        message, embeddings = await receive_params_and_tensors(request_iterator, EMBEDDING_NAMES)
+        message, tensors = await receive_params_and_tensors(request_iterator, self.engine.conditioning_names)
         check_model(message.model, self.engine.model_name)
         params = params_from_proto(message)
-        prompt, negative = embeddings.get("prompt_embeds"), embeddings.get("negative_prompt_embeds")
-        if prompt is None:
-            raise InvalidArgument("prompt_embeds", "missing from the stream")
         self.engine.check(params)
-        self.engine.check_embeddings(params, prompt, negative)
+        self.engine.check_conditioning(params, tensors)
 
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
@@ -87,7 +85,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
         async with self.gate:
             work = asyncio.ensure_future(
-                asyncio.to_thread(self.engine.denoise, params, prompt, negative, on_step, cancel.is_set)
+                asyncio.to_thread(self.engine.denoise, params, tensors, on_step, cancel.is_set)
             )
             try:
                 while not (work.done() and steps.empty()):
@@ -109,6 +107,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     await asyncio.wait({work})
         for chunk in iter_chunks("latents", latents):
             yield denoiser_pb2.DenoiseEvent(tensor=chunk)
+
+    @rpc_method
+    async def Describe(self, request: denoiser_pb2.DescribeRequest, context: grpc.aio.ServicerContext):
+        return denoiser_pb2.ModelDescription(id=self.engine.model_name, limits=limits_to_proto(self.engine.limits))
 
 
 SPEC = StageSpec(
@@ -155,6 +157,7 @@ def resolve_layout(args: argparse.Namespace, world_size: int | None) -> GangLayo
 def check_layout_for_model(layout: GangLayout, args: argparse.Namespace) -> None:
     """Before any process starts: the model must split this way, and the devices must exist."""
     model = resolve_model_dir(args.model, args.model_name)
+    check_gang_family(model)
     config = model.config("transformer")
     layout.check_model(int(config["num_attention_heads"]), int(config["ffn_dim"]))
     platform = select_platform(args.device)

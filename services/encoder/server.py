@@ -12,7 +12,7 @@ from services.common.models import check_model
 from services.common.server import AdmissionGate, rpc_method
 from services.common.stage import StageSpec, stage_main
 from services.common.tensors import iter_chunks
-from services.encoder.engine import DEFAULT_MAX_SEQUENCE_LENGTH, EncodeParams, EncoderEngine
+from services.encoder.engine import EncodeParams, EncoderEngine
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +31,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             request_id=request.request_id,
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
-            with_negative=request.with_negative,
-            max_sequence_length=request.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+            guidance_scale=request.guidance_scale,
+            true_cfg_scale=request.true_cfg_scale if request.HasField("true_cfg_scale") else 1.0,
+            max_sequence_length=request.max_sequence_length or None,
         )
         self.engine.check(params)
         async with self.gate:
-            embeddings = await asyncio.to_thread(self.engine.encode, params)
-        for chunk in iter_chunks("prompt_embeds", embeddings.prompt_embeds):
-            yield chunk
-        if embeddings.negative_prompt_embeds is not None:
-            for chunk in iter_chunks("negative_prompt_embeds", embeddings.negative_prompt_embeds):
+            tensors = await asyncio.to_thread(self.engine.encode, params)
+        for name, tensor in tensors.items():
+            for chunk in iter_chunks(name, tensor):
                 yield chunk
 
 

@@ -1,4 +1,9 @@
-"""Gateway configuration: command-line flags, then environment variables, then a TOML file, then defaults."""
+"""Gateway configuration: command-line flags, then environment variables, then a TOML file, then defaults.
+
+One model: `--model-name` with `--encoder/--denoiser/--decoder` (or their env and TOML keys). Several: one
+`--route "NAME encoder=HOST:PORT[,...] denoiser=... decoder=..."` per model, or TOML `[[models]]` tables with
+`name`, `encoder`, `denoiser`, `decoder`; the first model is the default for requests that name none.
+"""
 
 from __future__ import annotations
 
@@ -16,20 +21,32 @@ DEFAULT_STAGE_ADDRESSES = {"encoder": "127.0.0.1:50061", "denoiser": "127.0.0.1:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelStages:
+    """Where one served model's stages are: each a list of replicas."""
+
+    name: str
+    encoder: tuple[str, ...] = (DEFAULT_STAGE_ADDRESSES["encoder"],)
+    denoiser: tuple[str, ...] = (DEFAULT_STAGE_ADDRESSES["denoiser"],)
+    decoder: tuple[str, ...] = (DEFAULT_STAGE_ADDRESSES["decoder"],)
+
+
+@dataclasses.dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8000
-    encoder: tuple[str, ...] = (DEFAULT_STAGE_ADDRESSES["encoder"],)
-    denoiser: tuple[str, ...] = (DEFAULT_STAGE_ADDRESSES["denoiser"],)
-    decoder: tuple[str, ...] = (DEFAULT_STAGE_ADDRESSES["decoder"],)
-    model_name: str = ""
+    models: tuple[ModelStages, ...] = ()
     defaults: Defaults = Defaults()
     request_timeout_s: float = 1800.0
     stage_stall_timeout_s: float = 300.0
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
     max_active_jobs: int = 64
     grace_seconds: float = 30.0
+
+    @property
+    def model_name(self) -> str:
+        """The default model: the first one configured."""
+        return self.models[0].name if self.models else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             help=f"{stage} replicas (env DIFFMESH_{stage.upper()}_ADDR)")
     parser.add_argument("--model", default=None, help="model directory the stages serve; only its name is used here")
     parser.add_argument("--model-name", default=None, help="model id to serve (env DIFFMESH_MODEL_NAME)")
+    parser.add_argument("--route", action="append", default=None, metavar='"NAME encoder=A denoiser=B decoder=C"',
+                        help="one served model and its stages' replicas (HOST:PORT, comma-separated); repeat for "
+                        "several models, the first is the default; replaces --model-name and the stage flags")
     parser.add_argument("--default-size", default=None, metavar="WxH", help="size when a request gives none")
     parser.add_argument("--default-steps", type=int, default=None, help="denoising steps when a request gives none")
     parser.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is failed")
@@ -58,6 +78,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _addresses(value: str | list | tuple) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     return tuple(item.strip() for item in items if item.strip())
+
+
+def parse_route(text: str) -> ModelStages:
+    """`NAME encoder=A[,A2] denoiser=B decoder=C` -> ModelStages (every stage named, nothing else)."""
+    name, *pairs = text.split()
+    stages: dict[str, tuple[str, ...]] = {}
+    for pair in pairs:
+        stage, sep, addresses = pair.partition("=")
+        if not sep or stage not in STAGES or stage in stages or not _addresses(addresses):
+            raise ValueError(f"--route {text!r}: {pair!r} is not STAGE=HOST:PORT[,HOST:PORT] with STAGE one of "
+                             f"{STAGES}, each once")
+        stages[stage] = _addresses(addresses)
+    if set(stages) != set(STAGES):
+        raise ValueError(f"--route {text!r} must name every stage: {', '.join(STAGES)}")
+    return ModelStages(name=name, **stages)
+
+
+def _route_from_table(table: dict) -> ModelStages:
+    missing = [key for key in ("name", *STAGES) if key not in table]
+    if missing:
+        raise ValueError(f"[[models]] entry {table!r} lacks {missing}")
+    return ModelStages(name=str(table["name"]), **{stage: _addresses(table[stage]) for stage in STAGES})
 
 
 def parse_size(text: str, field: str = "size") -> tuple[int, int]:
@@ -81,20 +123,29 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         return file_values.get(key, default)
 
     base = GatewayConfig()
-    stages = {
-        stage: _addresses(pick(getattr(args, stage), f"DIFFMESH_{stage.upper()}_ADDR", stage,
-                               DEFAULT_STAGE_ADDRESSES[stage]))
-        for stage in STAGES
-    }
-    width, height = parse_size(pick(args.default_size, None, "default_size", "832x480"), "default_size")
-    defaults = Defaults(width=width, height=height,
-                        num_inference_steps=int(pick(args.default_steps, None, "default_steps", 50)))
-    model_name = pick(args.model_name, "DIFFMESH_MODEL_NAME", "model_name", "") or default_model_name(args.model)
+    if args.route:
+        models = tuple(parse_route(text) for text in args.route)
+    elif file_values.get("models"):
+        models = tuple(_route_from_table(table) for table in file_values["models"])
+    else:
+        stages = {
+            stage: _addresses(pick(getattr(args, stage), f"DIFFMESH_{stage.upper()}_ADDR", stage,
+                                   DEFAULT_STAGE_ADDRESSES[stage]))
+            for stage in STAGES
+        }
+        model_name = pick(args.model_name, "DIFFMESH_MODEL_NAME", "model_name", "") or default_model_name(args.model)
+        models = (ModelStages(name=model_name, **stages),)
+    names = [model.name for model in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model is routed twice: {names}")
+    size = pick(args.default_size, None, "default_size", None)
+    width, height = parse_size(size, "default_size") if size else (None, None)
+    steps = pick(args.default_steps, None, "default_steps", None)
+    defaults = Defaults(width=width, height=height, num_inference_steps=int(steps) if steps else None)
     return GatewayConfig(
         host=pick(args.host, "DIFFMESH_HOST", "host", base.host),
         grpc_port=int(pick(args.grpc_port, None, "grpc_port", base.grpc_port)),
         http_port=int(pick(args.http_port, None, "http_port", base.http_port)),
-        model_name=model_name,
         defaults=defaults,
         request_timeout_s=float(pick(args.request_timeout, None, "request_timeout", base.request_timeout_s)),
         stage_stall_timeout_s=float(pick(args.stage_stall_timeout, None, "stage_stall_timeout",
@@ -102,5 +153,5 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         max_output_pixels=int(pick(args.max_output_pixels, None, "max_output_pixels", base.max_output_pixels)),
         max_active_jobs=int(pick(args.max_active_jobs, None, "max_active_jobs", base.max_active_jobs)),
         grace_seconds=float(pick(args.grace, None, "grace", base.grace_seconds)),
-        **stages,
+        models=models,
     )

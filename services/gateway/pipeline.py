@@ -1,7 +1,9 @@
 """One generation through the mesh, top to bottom: validate -> encode -> denoise -> decode -> outputs.
 
-The gateway never decodes tensors: embeddings and latents pass from stage to stage as the chunks they
-arrived in (each stage validates what it receives), so the gateway stays light whatever the tensor sizes.
+Each served model has its own route (its encoder, denoiser and decoder pools) and its limits, which its
+denoiser describes from the model's family: the gateway does no family arithmetic. The gateway never decodes
+tensors: conditioning and latents pass from stage to stage as the chunks they arrived in (each stage
+validates what it receives), so the gateway stays light whatever the tensor sizes.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from collections.abc import AsyncIterator
 from diffmesh.v1 import decoder_pb2, denoiser_pb2, encoder_pb2, tensor_pb2
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
 from services.common.limits import check_frames, check_guidance, check_outputs, check_side, check_steps
+from services.families.base import Limits
+from services.families.wire import limits_from_proto
 from services.gateway.stages import StagePool
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 8192
-SIZE_MULTIPLE = 16  # the VAE's 8x times the transformer's 2x2 patches, for every Wan2.1 model
+DESCRIBE_TIMEOUT_S = 10.0
 # Output pixels (width x height x frames x n) one request may ask for: 1280x720, 161 frames (10 s at 16 fps).
 # Each side and the frame count are bounded on their own, but their product decides the decoder's memory.
 DEFAULT_MAX_OUTPUT_PIXELS = 1280 * 720 * 161
@@ -37,12 +41,11 @@ ENCODE_SHARE, DENOISE_SHARE = 0.05, 0.85
 
 @dataclasses.dataclass(frozen=True)
 class Defaults:
-    width: int = 832
-    height: int = 480
-    num_frames: int = 1
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    fps: int = 16
+    """The gateway's own defaults, over every model's (None: the model's, from its limits)."""
+
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,8 @@ class GenerationRequest:
     num_frames: int = 1
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
+    true_cfg_scale: float = 1.0
+    guidance_scale_2: float | None = None
     seed: int = 0
     n: int = 1
     format: str = "auto"
@@ -64,10 +69,8 @@ class GenerationRequest:
     return_frames: bool = False
     timeout_s: float | None = None
 
-    def validate(self, models: list[str], max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
-        """Reject what no stage could serve, naming the field, before any stage is called."""
-        if self.model not in models:
-            raise NotFound(f"model {self.model!r} not found; available: {models}")
+    def validate(self, limits: Limits, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
+        """Reject what the model's stages could not serve, naming the field, before any stage is called."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidArgument("prompt", "must not be empty")
         if len(self.prompt) > MAX_PROMPT_CHARS:
@@ -76,11 +79,17 @@ class GenerationRequest:
             raise InvalidArgument(
                 "negative_prompt", f"{len(self.negative_prompt)} characters, over the limit of {MAX_PROMPT_CHARS}"
             )
-        check_side("width", self.width, SIZE_MULTIPLE)
-        check_side("height", self.height, SIZE_MULTIPLE)
-        check_frames(self.num_frames)
+        check_side("width", self.width, limits.size_multiple, limits.max_side)
+        check_side("height", self.height, limits.size_multiple, limits.max_side)
+        if not limits.makes_video and self.num_frames != 1:
+            raise InvalidArgument("num_frames", f"{self.num_frames}, but {self.model} makes images: num_frames is 1")
+        if limits.makes_video:
+            check_frames(self.num_frames, limits.frame_multiple, limits.max_frames)
         check_steps(self.num_inference_steps)
         check_guidance(self.guidance_scale)
+        check_guidance(self.true_cfg_scale, "true_cfg_scale")
+        if self.guidance_scale_2 is not None:
+            check_guidance(self.guidance_scale_2, "guidance_scale_2")
         check_outputs(self.n)
         if self.format not in FORMATS:
             raise InvalidArgument("format", f"{self.format!r} is not one of {FORMATS}")
@@ -96,9 +105,6 @@ class GenerationRequest:
         if not -(2**63) <= self.seed < 2**63:
             raise InvalidArgument("seed", f"{self.seed} does not fit in a signed 64-bit integer")
 
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +133,57 @@ class TensorEvent:
 Event = ProgressEvent | MediaEvent | TensorEvent
 
 
+@dataclasses.dataclass
+class ModelRoute:
+    """One served model: its stage pools, and its limits once its denoiser has described them."""
+
+    name: str
+    encoder: StagePool
+    denoiser: StagePool
+    decoder: StagePool
+    limits: Limits | None = None
+
+    @property
+    def pools(self) -> dict[str, StagePool]:
+        return {"encoder": self.encoder, "denoiser": self.denoiser, "decoder": self.decoder}
+
+    async def describe(self) -> Limits:
+        """The model's limits, asked of its denoiser once (a stage that is down answers 503 naming it)."""
+        if self.limits is None:
+            reply = await self.denoiser.unary(lambda stub, kw: stub.Describe(denoiser_pb2.DescribeRequest(), **kw),
+                                              f"describe-{self.name}", DESCRIBE_TIMEOUT_S)
+            if reply.id != self.name:
+                raise Internal(f"the denoiser at {self.denoiser.addresses} serves {reply.id!r}, "
+                               f"but the gateway routes {self.name!r} to it")
+            self.limits = limits_from_proto(reply.limits)
+        return self.limits
+
+
 class MeshPipeline:
-    def __init__(self, encoder: StagePool, denoiser: StagePool, decoder: StagePool, model_names: list[str],
-                 max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
-        self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
-        self.model_names = model_names
+    def __init__(self, routes: list[ModelRoute], max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
+        if not routes:
+            raise ValueError("the gateway needs at least one model")
+        self.routes = {route.name: route for route in routes}
         self.max_output_pixels = max_output_pixels
-        self.pools = {"encoder": encoder, "denoiser": denoiser, "decoder": decoder}
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.routes)
+
+    def route(self, model: str) -> ModelRoute:
+        if model not in self.routes:
+            raise NotFound(f"model {model!r} not found; available: {self.model_names}")
+        return self.routes[model]
+
+    async def limits(self, model: str) -> Limits:
+        return await self.route(model).describe()
+
+    async def validate(self, request: GenerationRequest) -> None:
+        request.validate(await self.limits(request.model), self.max_output_pixels)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        request.validate(self.model_names, self.max_output_pixels)
+        route = self.route(request.model)
+        request.validate(await route.describe(), self.max_output_pixels)
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
 
         def remaining() -> float | None:
@@ -151,9 +198,10 @@ class MeshPipeline:
         embeddings: list[tensor_pb2.TensorChunk] = []
         encode_request = encoder_pb2.EncodeRequest(
             request_id=request.request_id, model=request.model, prompt=request.prompt,
-            negative_prompt=request.negative_prompt, with_negative=request.guided,
+            negative_prompt=request.negative_prompt, guidance_scale=request.guidance_scale,
+            true_cfg_scale=request.true_cfg_scale,
         )
-        async for chunk in self.encoder.stream(
+        async for chunk in route.encoder.stream(
             lambda stub, kw: stub.Encode(encode_request, **kw), request.request_id, remaining()
         ):
             embeddings.append(chunk)
@@ -164,6 +212,7 @@ class MeshPipeline:
             request_id=request.request_id, model=request.model, width=request.width, height=request.height,
             num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale, seed=request.seed, num_outputs=request.n,
+            true_cfg_scale=request.true_cfg_scale, guidance_scale_2=request.guidance_scale_2,
         )
 
         def denoise_requests():
@@ -172,7 +221,7 @@ class MeshPipeline:
                 yield denoiser_pb2.DenoiseRequest(tensor=chunk)
 
         latents: list[tensor_pb2.TensorChunk] = []
-        async for event in self.denoiser.stream(
+        async for event in route.denoiser.stream(
             lambda stub, kw: stub.Denoise(denoise_requests(), **kw), request.request_id, remaining()
         ):
             if event.WhichOneof("item") == "progress":
@@ -199,7 +248,7 @@ class MeshPipeline:
 
         media: dict[int, list[bytes]] = {}
         frames: list[tensor_pb2.TensorChunk] = []
-        async for response in self.decoder.stream(
+        async for response in route.decoder.stream(
             lambda stub, kw: stub.Decode(decode_requests(), **kw), request.request_id, remaining()
         ):
             if response.WhichOneof("item") == "media":
@@ -213,11 +262,18 @@ class MeshPipeline:
             yield TensorEvent("frames", frames)
         yield ProgressEvent("decode", 1, 1, 1.0)
 
+    def _pools(self) -> dict[str, StagePool]:
+        """Every pool, named "stage" for one model and "model/stage" for several."""
+        several = len(self.routes) > 1
+        return {(f"{route.name}/{stage}" if several else stage): pool
+                for route in self.routes.values() for stage, pool in route.pools.items()}
+
     async def health(self) -> dict[str, bool]:
         """Whether each stage has a SERVING replica (checked concurrently, so one slow stage costs one timeout)."""
-        results = await asyncio.gather(*(pool.check_health() for pool in self.pools.values()))
-        return dict(zip(self.pools, results, strict=True))
+        pools = self._pools()
+        results = await asyncio.gather(*(pool.check_health() for pool in pools.values()))
+        return dict(zip(pools, results, strict=True))
 
     async def close(self) -> None:
-        for pool in self.pools.values():
+        for pool in self._pools().values():
             await pool.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 from typing import Literal
@@ -44,6 +45,7 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
     seed: int | None = None
 
 
@@ -59,6 +61,7 @@ class VideoRequest(BaseModel):
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
     seed: int | None = None
 
 
@@ -72,15 +75,15 @@ def mesh_error_response(error: MeshError) -> JSONResponse:
     return error_response(error.http_status, error.message, getattr(error, "field", None))
 
 
-def frames_for(seconds: float | str | None, fps: int) -> int:
-    """Duration -> a 4k+1 frame count (what the Wan VAE takes)."""
+def frames_for(seconds: float | str | None, fps: int, frame_multiple: int = 4) -> int:
+    """Duration -> a frame count of the form frame_multiple * k + 1 (what the model's VAE takes)."""
     try:
         value = float(seconds)
     except (TypeError, ValueError):
         raise InvalidArgument("seconds", f"{seconds!r} is not a number") from None
     if not 0 < value <= 120:
         raise InvalidArgument("seconds", f"{value} is outside (0, 120]")
-    return max(1, round(value * fps / 4)) * 4 + 1
+    return max(1, round(value * fps / frame_multiple)) * frame_multiple + 1
 
 
 def video_object(job: Job) -> dict:
@@ -155,14 +158,14 @@ def create_app(service: GatewayService) -> FastAPI:
     @app.post("/v1/images/generations")
     async def create_images(body: ImageGenerationRequest, request: Request) -> dict:
         width, height = parse_size(body.size, "size") if body.size else (0, 0)
-        generation = service.new_request(
+        generation = await service.new_request(
             prompt=body.prompt, model=body.model or "", n=body.n, width=width, height=height, num_frames=1,
             negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps or 0,
-            guidance_scale=body.guidance_scale, seed=body.seed, format="png",
+            guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale, seed=body.seed, format="png",
             request_id=request.headers.get("x-request-id", ""),
         )
         with request_context(generation.request_id):
-            job = service.submit(generation, prefix="img")
+            job = await service.submit(generation, prefix="img")
             started = time.monotonic()
             images = await collect_unless_disconnected(job, request)
             generation_seconds.labels("image").observe(time.monotonic() - started)
@@ -198,21 +201,25 @@ def create_app(service: GatewayService) -> FastAPI:
     @app.post("/v1/videos")
     async def create_video(body: VideoRequest, request: Request) -> dict:
         width, height = parse_size(body.size, "size") if body.size else (0, 0)
-        fps = body.fps or service.config.defaults.fps
+        limits = await service.pipeline.limits(body.model or service.config.model_name)
+        if not limits.makes_video:
+            raise InvalidArgument("model", f"{body.model or service.config.model_name} makes images "
+                                  f"({limits.task}); use /v1/images/generations")
+        fps = body.fps or limits.default_fps
         if body.num_frames is not None:
             num_frames = body.num_frames
         elif body.seconds is not None:
-            num_frames = frames_for(body.seconds, fps)
+            num_frames = frames_for(body.seconds, fps, limits.frame_multiple)
         else:
-            num_frames = 81  # Wan2.1's native clip length
-        generation = service.new_request(
+            num_frames = limits.default_frames   # the model's native clip length
+        generation = await service.new_request(
             prompt=body.prompt, model=body.model or "", width=width, height=height, num_frames=num_frames,
             negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps or 0,
-            guidance_scale=body.guidance_scale, seed=body.seed, format="mp4", fps=fps,
-            request_id=request.headers.get("x-request-id", ""),
+            guidance_scale=body.guidance_scale, guidance_scale_2=body.guidance_scale_2, seed=body.seed,
+            format="mp4", fps=fps, request_id=request.headers.get("x-request-id", ""),
         )
         with request_context(generation.request_id):
-            job = service.submit(generation, prefix="video")
+            job = await service.submit(generation, prefix="video")
             service.start_background(job)
             logger.info("video job %s queued", job.id)
         return video_object(job)
@@ -232,11 +239,19 @@ def create_app(service: GatewayService) -> FastAPI:
     async def cancel_video(job_id: str) -> dict:
         return video_object(service.jobs.cancel(job_id))
 
+    async def model_object(name: str) -> dict:
+        limits = await service.pipeline.limits(name)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "diffmesh", "task": limits.task,
+                "limits": dataclasses.asdict(limits)}
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "diffmesh"} for name in service.models
-        ]}
+        return {"object": "list", "data": [await model_object(name) for name in service.models]}
+
+    @app.get("/v1/models/{model}")
+    async def retrieve_model(model: str) -> dict:
+        service.pipeline.route(model)     # NotFound (404) for a model not served
+        return await model_object(model)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -25,10 +25,19 @@ from services.common.logs import request_context
 from services.common.server import StartupError, request_id_from, rpc_method, run_server, run_until_stopped
 from services.common.stage import write_port_file
 from services.common.tensors import iter_media_chunks
+from services.families.wire import limits_to_proto
 from services.gateway import rest
 from services.gateway.config import GatewayConfig, add_arguments, load_config
 from services.gateway.jobs import Job, JobStatus, JobStore
-from services.gateway.pipeline import FORMAT_ENUM, Event, MediaEvent, MeshPipeline, ProgressEvent, TensorEvent
+from services.gateway.pipeline import (
+    FORMAT_ENUM,
+    Event,
+    MediaEvent,
+    MeshPipeline,
+    ModelRoute,
+    ProgressEvent,
+    TensorEvent,
+)
 from services.gateway.service import GatewayService
 from services.gateway.stages import StagePool
 
@@ -61,11 +70,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         if request.format not in FORMAT_NAMES:
             raise InvalidArgument("format", f"unknown media format {request.format}")
-        generation = self.service.new_request(
+        generation = await self.service.new_request(
             prompt=request.prompt, model=request.model, negative_prompt=request.negative_prompt,
             width=request.width, height=request.height, num_frames=request.num_frames,
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
+            true_cfg_scale=request.true_cfg_scale if request.HasField("true_cfg_scale") else None,
+            guidance_scale_2=request.guidance_scale_2 if request.HasField("guidance_scale_2") else None,
             seed=request.seed if request.HasField("seed") else None, n=request.n,
             format=FORMAT_NAMES[request.format], fps=request.fps, return_latents=request.return_latents,
             return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
@@ -75,7 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             # The client's own deadline, passed down so no stage works on after the client has given up.
             generation = dataclasses.replace(generation, timeout_s=client_deadline)
         with request_context(generation.request_id):
-            job = self.service.submit(generation)
+            job = await self.service.submit(generation)
             # The client going away (cancel, deadline) does not cancel this handler in grpc.aio; the RPC's
             # done-callback fires, and cancelling the job stops the stage call in flight.
             context.add_done_callback(lambda _: self.service.jobs.cancel(job.id))
@@ -102,9 +113,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_method
     async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
-        return gateway_pb2.ListModelsResponse(
-            models=[gateway_pb2.ModelInfo(id=name, task="text-to-video") for name in self.service.models]
-        )
+        models = []
+        for name in self.service.models:
+            limits = await self.service.pipeline.limits(name)
+            models.append(gateway_pb2.ModelInfo(id=name, task=limits.task, limits=limits_to_proto(limits)))
+        return gateway_pb2.ListModelsResponse(models=models)
 
 
 def event_to_proto(event: Event) -> list[gateway_pb2.GenerateEvent]:
@@ -122,13 +135,16 @@ def event_to_proto(event: Event) -> list[gateway_pb2.GenerateEvent]:
 
 def build_service(config: GatewayConfig) -> GatewayService:
     stall = config.stage_stall_timeout_s
-    pipeline = MeshPipeline(
-        StagePool("encoder", list(config.encoder), encoder_pb2_grpc.EncoderStub, stall),
-        StagePool("denoiser", list(config.denoiser), denoiser_pb2_grpc.DenoiserStub, stall),
-        StagePool("decoder", list(config.decoder), decoder_pb2_grpc.DecoderStub, stall),
-        [config.model_name],
-        config.max_output_pixels,
-    )
+    routes = [
+        ModelRoute(
+            model.name,
+            StagePool("encoder", list(model.encoder), encoder_pb2_grpc.EncoderStub, stall),
+            StagePool("denoiser", list(model.denoiser), denoiser_pb2_grpc.DenoiserStub, stall),
+            StagePool("decoder", list(model.decoder), decoder_pb2_grpc.DecoderStub, stall),
+        )
+        for model in config.models
+    ]
+    pipeline = MeshPipeline(routes, config.max_output_pixels)
     return GatewayService(config, pipeline, JobStore(max_active=config.max_active_jobs))
 
 
@@ -153,8 +169,9 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
             raise StartupError(f"could not start HTTP on {config.host}:{config.http_port}")
         await asyncio.sleep(0.05)
     http_port = http.servers[0].sockets[0].getsockname()[1]
-    logger.info("REST on http://%s:%d, stages: encoder=%s denoiser=%s decoder=%s", config.host, http_port,
-                ",".join(config.encoder), ",".join(config.denoiser), ",".join(config.decoder))
+    for model in config.models:
+        logger.info("REST on http://%s:%d, model %s: encoder=%s denoiser=%s decoder=%s", config.host, http_port,
+                    model.name, ",".join(model.encoder), ",".join(model.denoiser), ",".join(model.decoder))
 
     def started(grpc_port: int) -> None:
         if port_file:
@@ -175,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = add_arguments(argparse.ArgumentParser(prog="diffmesh serve gateway"))
     args = parser.parse_args(argv)
     logs.configure("gateway")
-    run_until_stopped(serve(load_config(args), args.port_file))
+    try:
+        config = load_config(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    run_until_stopped(serve(config, args.port_file))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ class GatewayService:
     def models(self) -> list[str]:
         return self.pipeline.model_names
 
-    def new_request(
+    async def new_request(
         self,
         *,
         prompt: str,
@@ -32,6 +32,8 @@ class GatewayService:
         num_frames: int = 0,
         num_inference_steps: int = 0,
         guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
+        guidance_scale_2: float | None = None,
         seed: int | None = None,
         n: int = 0,
         format: str = "auto",
@@ -40,32 +42,36 @@ class GatewayService:
         return_frames: bool = False,
         request_id: str = "",
     ) -> GenerationRequest:
-        """Fill what the caller left out (0 / None / '') with the gateway's defaults; draw a seed if none."""
+        """Fill what the caller left out (0 / None / '') with the gateway's defaults, then the model's (from its
+        limits); draw a seed if none. An unknown model is NotFound; a model whose stages are down, Unavailable."""
+        name = model or self.config.model_name
+        limits = await self.pipeline.limits(name)
         d = self.config.defaults
         return GenerationRequest(
             request_id=request_id or uuid.uuid4().hex[:16],
-            model=model or self.config.model_name,
+            model=name,
             prompt=prompt,
             negative_prompt=negative_prompt or "",
-            width=width or d.width,
-            height=height or d.height,
-            num_frames=num_frames or d.num_frames,
-            num_inference_steps=num_inference_steps or d.num_inference_steps,
-            guidance_scale=d.guidance_scale if guidance_scale is None else float(guidance_scale),
+            width=width or d.width or limits.default_width,
+            height=height or d.height or limits.default_height,
+            num_frames=num_frames or 1,
+            num_inference_steps=num_inference_steps or d.num_inference_steps or limits.default_steps,
+            guidance_scale=limits.default_guidance_scale if guidance_scale is None else float(guidance_scale),
+            true_cfg_scale=1.0 if true_cfg_scale is None else float(true_cfg_scale),
+            guidance_scale_2=None if guidance_scale_2 is None else float(guidance_scale_2),
             seed=secrets.randbits(63) if seed is None else int(seed),
             n=n or 1,
             format=format or "auto",
-            fps=fps or d.fps,
+            fps=fps or limits.default_fps,
             return_latents=return_latents,
             return_frames=return_frames,
             timeout_s=self.config.request_timeout_s,
         )
 
-    def submit(self, request: GenerationRequest, prefix: str = "gen") -> Job:
+    async def submit(self, request: GenerationRequest, prefix: str = "gen") -> Job:
         """Validate and register a job; raises InvalidArgument / NotFound / ResourceExhausted before any work."""
-        request.validate(self.models, self.pipeline.max_output_pixels)
+        await self.pipeline.validate(request)
         return self.jobs.create(request, new_job_id(prefix))
-
     def events(self, job: Job) -> AsyncIterator[Event]:
         return self.jobs.track(job, self.pipeline.generate(job.request))
 

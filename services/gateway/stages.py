@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -116,6 +116,21 @@ class StagePool:
             finally:
                 rpc.cancel()  # no-op once the call has ended; stops it if our consumer went away mid-stream
                 replica.outstanding -= 1
+        raise Unavailable(self.stage, f"no replica of {self.addresses} answered (last: {last_failure})")
+
+    async def unary(self, call: Callable[[object, dict], Awaitable], request_id: str, timeout: float | None):
+        """The reply of a unary `call(stub, kwargs)`, failing over to another replica on UNAVAILABLE."""
+        tried: set[str] = set()
+        last_failure = "no replica"
+        while (replica := self._pick(tried)) is not None:
+            tried.add(replica.address)
+            try:
+                return await call(replica.stub, {"metadata": ((REQUEST_ID_KEY, request_id),), "timeout": timeout})
+            except grpc.RpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(self.stage, error) from None
+                replica.mark_unhealthy()
+                last_failure = f"{replica.address}: {error.details()}"
         raise Unavailable(self.stage, f"no replica of {self.addresses} answered (last: {last_failure})")
 
     async def check_health(self) -> bool:

@@ -11,6 +11,7 @@ from services.common.errors import InvalidArgument
 from services.gateway.config import (
     DEFAULT_STAGE_ADDRESSES,
     GatewayConfig,
+    ModelStages,
     add_arguments,
     load_config,
     parse_size,
@@ -56,9 +57,10 @@ def test_defaults_without_flags_env_or_file():
     assert config.grpc_port == 50051
     assert config.http_port == 8000
     for stage, address in DEFAULT_STAGE_ADDRESSES.items():
-        assert getattr(config, stage) == (address,)
-    assert (config.defaults.width, config.defaults.height) == (832, 480)
-    assert config.defaults.num_inference_steps == 50
+        assert getattr(config.models[0], stage) == (address,)
+    # No gateway-wide defaults: each model's own (from its family's limits) apply.
+    assert (config.defaults.width, config.defaults.height) == (None, None)
+    assert config.defaults.num_inference_steps is None
 
 
 def test_file_overrides_defaults(toml_file):
@@ -66,9 +68,9 @@ def test_file_overrides_defaults(toml_file):
     assert config.host == "10.0.0.1"
     assert config.grpc_port == 6001
     assert config.http_port == 6002
-    assert config.encoder == ("file-enc-a:1", "file-enc-b:2")  # TOML list
-    assert config.denoiser == ("file-den-a:3", "file-den-b:4")  # comma-separated string
-    assert config.decoder == ("file-dec:5",)
+    assert config.models[0].encoder == ("file-enc-a:1", "file-enc-b:2")  # TOML list
+    assert config.models[0].denoiser == ("file-den-a:3", "file-den-b:4")  # comma-separated string
+    assert config.models[0].decoder == ("file-dec:5",)
     assert config.model_name == "file-model"
     assert (config.defaults.width, config.defaults.height) == (640, 320)
     assert config.defaults.num_inference_steps == 7
@@ -86,9 +88,9 @@ def test_env_overrides_file(monkeypatch, toml_file):
     monkeypatch.setenv("DIFFMESH_HOST", "0.0.0.0")
     monkeypatch.setenv("DIFFMESH_MODEL_NAME", "env-model")
     config = _load("--config", toml_file)
-    assert config.encoder == ("env-enc-a:11", "env-enc-b:12")
-    assert config.denoiser == ("env-den:13",)
-    assert config.decoder == ("file-dec:5",)  # no env for it: the file still applies
+    assert config.models[0].encoder == ("env-enc-a:11", "env-enc-b:12")
+    assert config.models[0].denoiser == ("env-den:13",)
+    assert config.models[0].decoder == ("file-dec:5",)  # no env for it: the file still applies
     assert config.host == "0.0.0.0"
     assert config.model_name == "env-model"
 
@@ -96,13 +98,13 @@ def test_env_overrides_file(monkeypatch, toml_file):
 def test_env_overrides_default_without_file(monkeypatch):
     monkeypatch.setenv("DIFFMESH_DECODER_ADDR", "env-dec:21")
     config = _load()
-    assert config.decoder == ("env-dec:21",)
-    assert config.encoder == (DEFAULT_STAGE_ADDRESSES["encoder"],)
+    assert config.models[0].decoder == ("env-dec:21",)
+    assert config.models[0].encoder == (DEFAULT_STAGE_ADDRESSES["encoder"],)
 
 
 def test_empty_env_value_is_ignored(monkeypatch, toml_file):
     monkeypatch.setenv("DIFFMESH_ENCODER_ADDR", "")
-    assert _load("--config", toml_file).encoder == ("file-enc-a:1", "file-enc-b:2")
+    assert _load("--config", toml_file).models[0].encoder == ("file-enc-a:1", "file-enc-b:2")
 
 
 def test_flag_overrides_env_and_file(monkeypatch, toml_file):
@@ -119,9 +121,9 @@ def test_flag_overrides_env_and_file(monkeypatch, toml_file):
         "--default-size", "256x128",
         "--default-steps", "3",
     )
-    assert config.encoder == ("flag-enc-a:31", "flag-enc-b:32")  # spaces and a trailing comma dropped
-    assert config.denoiser == ("flag-den:33",)
-    assert config.decoder == ("file-dec:5",)
+    assert config.models[0].encoder == ("flag-enc-a:31", "flag-enc-b:32")  # spaces and a trailing comma dropped
+    assert config.models[0].denoiser == ("flag-den:33",)
+    assert config.models[0].decoder == ("file-dec:5",)
     assert config.host == "192.168.1.1"
     assert config.grpc_port == 7001
     assert config.http_port == 7002
@@ -138,7 +140,7 @@ def test_ports_are_ints_and_stage_lists_are_tuples(toml_file):
     config = _load("--config", toml_file)
     assert isinstance(config.grpc_port, int) and isinstance(config.http_port, int)
     for stage in ("encoder", "denoiser", "decoder"):
-        assert isinstance(getattr(config, stage), tuple)
+        assert isinstance(getattr(config.models[0], stage), tuple)
 
 
 def test_bad_default_size_flag_names_the_field():
@@ -172,3 +174,44 @@ def test_stage_stall_timeout_flag_overrides_file_and_default(tmp_path):
     path.write_text("stage_stall_timeout = 45\n")
     assert _load("--config", str(path)).stage_stall_timeout_s == 45.0
     assert _load("--config", str(path), "--stage-stall-timeout", "2.5").stage_stall_timeout_s == 2.5
+
+
+def test_routes_serve_several_models_the_first_by_default():
+    config = _load("--route", "wan encoder=e1:1,e2:2 denoiser=d1:3 decoder=c1:4",
+                   "--route", "flux decoder=c2:8 encoder=e3:5 denoiser=d2:6")
+    assert config.models == (ModelStages("wan", ("e1:1", "e2:2"), ("d1:3",), ("c1:4",)),
+                             ModelStages("flux", ("e3:5",), ("d2:6",), ("c2:8",)))
+    assert config.model_name == "wan"
+
+
+def test_models_tables_in_the_file(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text('''
+[[models]]
+name = "wan"
+encoder = ["e1:1"]
+denoiser = "d1:2, d2:3"
+decoder = ["c1:4"]
+
+[[models]]
+name = "flux"
+encoder = ["e2:5"]
+denoiser = ["d3:6"]
+decoder = ["c2:7"]
+''')
+    config = _load("--config", str(path))
+    assert [m.name for m in config.models] == ["wan", "flux"]
+    assert config.models[0].denoiser == ("d1:2", "d2:3")
+    assert config.models[1].decoder == ("c2:7",)
+
+
+@pytest.mark.parametrize("route", ["wan encoder=e:1 denoiser=d:2", "wan encoder=e:1 denoiser=d:2 decoder=c:3 vae=v:4",
+                                   "wan encoder=e:1 encoder=e:2 denoiser=d:2 decoder=c:3", "wan encoder= denoiser=d:2"])
+def test_a_malformed_route_is_refused(route):
+    with pytest.raises(ValueError, match="--route"):
+        _load("--route", route)
+
+
+def test_a_model_routed_twice_is_refused():
+    with pytest.raises(ValueError, match="routed twice"):
+        _load("--route", "wan encoder=e:1 denoiser=d:2 decoder=c:3", "--route", "wan encoder=e:4 denoiser=d:5 decoder=c:6")

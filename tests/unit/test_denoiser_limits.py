@@ -34,6 +34,6 @@ def test_size_beyond_the_rotary_range_is_invalid_argument(short_rope_engine, fie
 def test_size_within_the_rotary_range_denoises(short_rope_engine):
     params = DenoiseParams("r", 512, 64, 1, 1, 1.0, 0)
     short_rope_engine.check(params)
-    embeds = torch.zeros(1, 8, short_rope_engine.text_dim)
-    latents = short_rope_engine.denoise(params, embeds, None)
+    embeds = torch.zeros(1, 8, short_rope_engine.denoising.text_dim)
+    latents = short_rope_engine.denoise(params, {"prompt_embeds": embeds})
     assert latents.shape == (1, 16, 1, 8, 64)

@@ -7,10 +7,15 @@ import math
 
 import pytest
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument
+from services.families.base import Limits
 from services.gateway.pipeline import MAX_PROMPT_CHARS, GenerationRequest
 
-MODELS = ["wan-tiny"]
+# What the tiny Wan2.1 model's denoiser describes (16-pixel multiples, 4k+1 frames).
+MODELS = Limits(family="wan", task="text-to-video", size_multiple=16, max_side=4096, frame_multiple=4,
+                max_frames=1025, default_width=832, default_height=480, default_frames=81, default_steps=50,
+                default_guidance_scale=5.0)
+IMAGES = dataclasses.replace(MODELS, family="flux", task="text-to-image", frame_multiple=0, max_frames=1)
 VALID = GenerationRequest(request_id="req-1", model="wan-tiny", prompt="a cat on a skateboard")
 
 
@@ -84,13 +89,20 @@ def test_png_with_several_frames_is_rejected_naming_format():
     assert "mp4" in info.value.message
 
 
-def test_unknown_model_is_not_found():
-    request = dataclasses.replace(VALID, model="sdxl")
-    with pytest.raises(NotFound) as info:
-        request.validate(MODELS)
-    assert "'sdxl'" in info.value.message
-    assert "wan-tiny" in info.value.message
-    assert info.value.http_status == 404
+def test_an_image_model_refuses_frames_naming_num_frames():
+    VALID.validate(IMAGES)
+    with pytest.raises(InvalidArgument) as info:
+        dataclasses.replace(VALID, num_frames=5, format="mp4").validate(IMAGES)
+    assert info.value.field == "num_frames" and "images" in info.value.message
+
+
+def test_the_models_own_size_multiple_and_max_side_apply():
+    coarse = dataclasses.replace(MODELS, size_multiple=32, max_side=1024)
+    dataclasses.replace(VALID, width=1024, height=64).validate(coarse)
+    for field, value in (("width", 48), ("width", 1056), ("height", 16)):
+        with pytest.raises(InvalidArgument) as info:
+            dataclasses.replace(VALID, **{field: value}).validate(coarse)
+        assert info.value.field == field and "32" in info.value.message
 
 
 def test_output_pixels_over_the_gateway_limit_are_rejected_naming_size():

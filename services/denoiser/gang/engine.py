@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -23,8 +23,12 @@ from services.common.platform import Platform
 from services.denoiser.engine import DenoiseParams, DenoiserEngine, StepCallback
 from services.denoiser.gang.attention import LSE_KERNELS
 from services.denoiser.gang.distributed import Gang
+from services.denoiser.gang.layout import LayoutError
 from services.denoiser.gang.tensor_parallel import load_sharded_transformer
 from services.denoiser.gang.transformer import ParallelTransformer
+from services.denoiser.predict import guided
+from services.families import family_for
+from services.families.base import StepCall
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +38,7 @@ class DenoiseMessage:
     """What the leader broadcasts for each request (tensors on the CPU, pickled over the gloo group)."""
 
     params: DenoiseParams
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None
+    tensors: dict[str, torch.Tensor]
 
 
 STOP = "stop"
@@ -46,32 +49,30 @@ class GangDenoiserEngine(DenoiserEngine):
         self.gang = gang
         self.cfg = gang.axis("cfg")
         self.tp = gang.axis("tp")
+        check_gang_family(model)
         config = model.config("transformer")
         gang.layout.check_model(int(config["num_attention_heads"]), int(config["ffn_dim"]))
         super().__init__(model, platform, dtype, device=gang.device)
 
-    def load_transformer(self, model: ModelDir, dtype: torch.dtype):
+    def load_transformer(self, model: ModelDir, component: str, dtype: torch.dtype):
         if self.tp.size > 1:
-            full = load_sharded_transformer(model.component_class("transformer"), model.path / "transformer",
+            full = load_sharded_transformer(model.component_class(component), model.path / component,
                                             self.tp, dtype, self.device)
         else:
-            full = model.load("transformer", dtype=dtype, device=self.device)
+            full = model.load(component, dtype=dtype, device=self.device)
         return ParallelTransformer(full, self.gang, LSE_KERNELS[self.platform.lse_attention])
 
     # The leader's side ------------------------------------------------------------------------------------
 
-    def denoise(self, params: DenoiseParams, prompt_embeds: torch.Tensor,
-                negative_prompt_embeds: torch.Tensor | None, on_step: StepCallback | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+    def denoise(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor],
+                on_step: StepCallback | None = None, cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
         """Called on the leader by the server: checks, hands the request to every rank, runs its share."""
         self.check(params)
-        self.check_embeddings(params, prompt_embeds, negative_prompt_embeds)
-        negative = negative_prompt_embeds if params.guided else None
-        message = DenoiseMessage(params, prompt_embeds.cpu(), None if negative is None else negative.cpu())
+        self.check_conditioning(params, tensors)
+        message = DenoiseMessage(params, {name: tensor.cpu() for name, tensor in tensors.items()})
         try:
             self._hand_over(message)
-            return self._run_guarded(params, prompt_embeds, negative, on_step,
-                                     lambda: self.gang.any_rank(cancelled()))
+            return self._run_guarded(params, message.tensors, on_step, lambda: self.gang.any_rank(cancelled()))
         except GangBroken:
             # Let the error reach the client, then exit so the launcher (or Kubernetes) restarts the gang.
             threading.Timer(1.0, os._exit, (1,)).start()
@@ -100,14 +101,13 @@ class GangDenoiserEngine(DenoiserEngine):
                 return
             with request_context(message.params.request_id):
                 try:
-                    self._run_guarded(message.params, message.prompt_embeds, message.negative_prompt_embeds,
-                                      None, lambda: self.gang.any_rank(False))
+                    self._run_guarded(message.params, message.tensors, None, lambda: self.gang.any_rank(False))
                 except Cancelled:
                     pass
 
-    def _run_guarded(self, params, prompt_embeds, negative_prompt_embeds, on_step, cancelled) -> torch.Tensor:
+    def _run_guarded(self, params, tensors, on_step, cancelled) -> torch.Tensor:
         try:
-            return DenoiserEngine.denoise(self, params, prompt_embeds, negative_prompt_embeds, on_step, cancelled)
+            return DenoiserEngine.denoise(self, params, tensors, on_step, cancelled)
         except Cancelled:
             raise
         except BaseException:
@@ -117,34 +117,37 @@ class GangDenoiserEngine(DenoiserEngine):
 
     # The step, split across the gang ----------------------------------------------------------------------
 
-    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
-                      negative_prompt_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-        if self.cfg.size == 1 or (negative_prompt_embeds is None and latents.shape[0] == 1):
-            return super().predict_noise(latents, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale)
-        if negative_prompt_embeds is None:
-            return self._predict_batch_split(latents, timestep, prompt_embeds)
+    def predict_noise(self, call: StepCall) -> torch.Tensor:
+        batch = call.cond["hidden_states"].shape[0]
+        if self.cfg.size == 1 or (call.uncond is None and batch == 1):
+            return super().predict_noise(call)
+        if call.uncond is None:
+            return self._predict_batch_split(call, batch)
         # CFG-parallel: cfg rank 0 predicts the conditional branch, rank 1 the unconditional, then both hold both.
-        text = prompt_embeds if self.cfg.index == 0 else negative_prompt_embeds
-        mine = self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
-                                return_dict=False)[0].contiguous()
+        mine = call.model(**(call.cond if self.cfg.index == 0 else call.uncond), return_dict=False)[0].contiguous()
         branches = [torch.empty_like(mine) for _ in range(self.cfg.size)]
         dist.all_gather(branches, mine, group=self.cfg.group)
         noise_pred, noise_uncond = branches
-        return noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+        return guided(noise_pred, noise_uncond, call.scale)
 
-    def _predict_batch_split(self, latents: torch.Tensor, timestep: torch.Tensor,
-                             prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def _predict_batch_split(self, call: StepCall, count: int) -> torch.Tensor:
         """Unguided, several outputs: there are no branches to split, so the cfg ranks split the outputs. Each
         takes an equal share (the last sample repeated where they do not divide), then all gather them."""
-        count = latents.shape[0]
         share = -(-count // self.cfg.size)
         start = self.cfg.index * share
-        picked = torch.arange(start, start + share, device=latents.device).clamp(max=count - 1)
-        mine = self.transformer(hidden_states=latents[picked], timestep=timestep[picked],
-                                encoder_hidden_states=prompt_embeds[picked], return_dict=False)[0].contiguous()
+        picked = torch.arange(start, start + share, device=self.device).clamp(max=count - 1)
+        kwargs = {name: value[picked] if name in call.batched else value for name, value in call.cond.items()}
+        mine = call.model(**kwargs, return_dict=False)[0].contiguous()
         shares = [torch.empty_like(mine) for _ in range(self.cfg.size)]
         dist.all_gather(shares, mine, group=self.cfg.group)
         return torch.cat(shares)[:count]
+
+
+def check_gang_family(model: ModelDir) -> None:
+    family = family_for(model)
+    if not family.supports_gang:
+        raise LayoutError(f"{model.name}: the denoiser gang does not split {family.name} models yet; "
+                          "serve this model on one device (--devices 1)")
 
 
 class GangBroken(Unavailable):

@@ -1,0 +1,28 @@
+"""Tiny random-weight model writers, one per family, for tests and the demo (no network, seconds each).
+
+`diffmesh tiny-model DIR --family NAME` looks NAME up here. Each writer builds a diffusers-format directory
+with the libraries' own classes and `save_pretrained`, so stages load it exactly as they load real weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+from collections.abc import Callable
+
+# name -> "module:function"; each function is (path, seed=0) -> the written directory.
+WRITERS = {
+    "wan": "services.common.tiny_model:write_tiny_model",
+}
+
+
+def writer(family: str) -> Callable[..., pathlib.Path]:
+    if family not in WRITERS:
+        raise ValueError(f"no tiny-model writer for family {family!r}; known: {sorted(WRITERS)}")
+    module, function = WRITERS[family].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def write_tiny(path: str | os.PathLike, family: str = "wan", seed: int = 0) -> pathlib.Path:
+    return writer(family)(path, seed=seed)

@@ -1,0 +1,21 @@
+"""Noise predictors: where a step's guidance branches run. The denoising loop hands each step's `StepCall`
+to one; this one runs the branches on this device in turn, in the pipelines' order (cond, then uncond), so
+the numbers equal diffusers'. The gang has its own (CFG-parallel, outputs split across ranks)."""
+
+from __future__ import annotations
+
+import torch
+
+from services.families.base import StepCall
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance as every served pipeline writes it."""
+    return uncond + scale * (cond - uncond)
+
+
+def predict_on_one_device(call: StepCall) -> torch.Tensor:
+    noise = call.model(**call.cond, return_dict=False)[0]
+    if call.uncond is None:
+        return noise
+    return guided(noise, call.model(**call.uncond, return_dict=False)[0], call.scale)

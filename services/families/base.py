@@ -1,0 +1,179 @@
+"""What a model family declares, and the contract stage engines hold it to.
+
+A family is one module in this package. It says which diffusers pipeline classes it serves, what a request may
+ask of its models (`Limits`, read from the configs without loading weights), and, for each stage, the part
+that is specific to it:
+
+- `TextEncoding`: prompt -> named conditioning tensors (e.g. "prompt_embeds", "pooled_prompt_embeds").
+- `Denoising`: checks, then one `DenoiseRun` per request: timesteps, the first latents, and for each step a
+  `StepCall` (which transformer, the kwargs of each guidance branch, the guidance scale).
+- `Decoding`: latents as they travel -> frames [n, F, H, W, 3] in 0..1 on the device.
+
+Stage engines keep the mechanics (load, loop, cancel, timing, transport) and never look at a family's
+numbers. The wire stays generic: conditioning is a set of named tensors, latents are one tensor.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from services.common.models import ModelDir
+
+TASKS = ("text-to-image", "text-to-video", "image-to-video")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What requests to one model may ask for, and what they get when they do not say. Served to the gateway
+    by the denoiser (Describe), so the gateway does no family arithmetic."""
+
+    family: str
+    task: str                        # one of TASKS
+    size_multiple: int               # width and height must be multiples of this
+    max_side: int                    # and at most this (the transformer's positions)
+    frame_multiple: int              # num_frames = frame_multiple * k + 1; 0: images only (num_frames = 1)
+    max_frames: int
+    default_width: int
+    default_height: int
+    default_frames: int
+    default_steps: int
+    default_guidance_scale: float
+    default_fps: int = 16
+    true_cfg: bool = False           # a negative prompt with true_cfg_scale > 1 runs a second branch
+    guidance_embedding: bool = False  # guidance_scale is fed to the transformer, not used for CFG
+    needs_image: bool = False
+    max_sequence_length: int = 512
+
+    @property
+    def makes_video(self) -> bool:
+        return self.frame_multiple > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The request's parameters a denoiser needs, as every stage sees them (defaults already applied)."""
+
+    request_id: str
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    num_outputs: int = 1
+    true_cfg_scale: float = 1.0
+    guidance_scale_2: float | None = None    # a second expert's scale (Wan2.2 A14B); None: guidance_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCall:
+    """One step's noise prediction, as data: a noise predictor decides where the branches run (one device in
+    turn, or CFG-parallel ranks at once) and combines them as `uncond + scale * (cond - uncond)`."""
+
+    model: Callable[..., Any]            # called as model(**kwargs, return_dict=False)[0]
+    cond: dict[str, Any]
+    uncond: dict[str, Any] | None        # None: no guidance branch
+    scale: float
+    batched: frozenset[str]              # kwargs whose first dimension is the batch (the outputs)
+
+
+class DenoiseRun(abc.ABC):
+    """One request's denoising: built by `Denoising.start`, driven by the engine's loop."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    latents: torch.Tensor                # the first latents, float32 on the device
+
+    @abc.abstractmethod
+    def step_call(self, latents: torch.Tensor, t: torch.Tensor, index: int) -> StepCall: ...
+
+    def after_step(self, latents: torch.Tensor, index: int) -> torch.Tensor:
+        """Whatever the pipeline does to the latents after the scheduler's step (e.g. re-impose a condition)."""
+        return latents
+
+    def result(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents as they travel to the decoder: float32 on the CPU."""
+        return latents.float().cpu()
+
+
+class TextEncoding(abc.ABC):
+    """The encoder stage's part: prompt -> named tensors, float32 on the CPU."""
+
+    names: tuple[str, ...]               # every tensor name it may send
+
+    @abc.abstractmethod
+    def encode(self, prompt: str, negative_prompt: str | None, max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """`negative_prompt` None: no guidance branch, send only the positive tensors."""
+
+
+class Denoising(abc.ABC):
+    """The denoiser stage's part: the transformer(s) and scheduler, and how a request is denoised."""
+
+    conditioning_names: tuple[str, ...]  # the tensor names it accepts from the encoder
+
+    @property
+    @abc.abstractmethod
+    def transformers(self) -> list[torch.nn.Module]: ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformers[0].dtype
+
+    @abc.abstractmethod
+    def check(self, params: Sampling) -> None:
+        """Raise InvalidArgument naming the field for a request this model cannot take."""
+
+    @abc.abstractmethod
+    def check_conditioning(self, params: Sampling, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise InvalidArgument naming the tensor when one is missing, misshapen or of the wrong kind."""
+
+    @abc.abstractmethod
+    def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun: ...
+
+
+class Decoding(abc.ABC):
+    @abc.abstractmethod
+    def check(self, latents: torch.Tensor) -> None:
+        """Raise InvalidArgument("latents", ...) for latents this VAE cannot decode."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as they travel -> frames float32 [n, F, H, W, 3] in 0..1, on the device."""
+
+
+TransformerLoader = Callable[[str], torch.nn.Module]   # component name -> the loaded (maybe sharded) module
+
+
+class Family(abc.ABC):
+    name: str                            # "wan", "flux": what `diffmesh tiny-model --family` takes
+    pipeline_classes: tuple[str, ...]    # model_index.json's _class_name values this family serves
+    # Whether the denoiser gang (services/denoiser/gang/) can split this family's transformer; a gang refuses
+    # the others at start-up.
+    supports_gang: bool = False
+
+    @abc.abstractmethod
+    def limits(self, model: ModelDir) -> Limits:
+        """From the configs alone (the gateway's limits must not need weights)."""
+
+    def negative_needed(self, limits: Limits, guidance_scale: float, true_cfg_scale: float,
+                        negative_prompt: str) -> bool:
+        """Whether a request runs a second (negative) branch, as the family's pipeline decides it."""
+        if limits.true_cfg:
+            return true_cfg_scale > 1.0 and bool(negative_prompt)
+        if limits.guidance_embedding:
+            return False
+        return guidance_scale > 1.0
+
+    @abc.abstractmethod
+    def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding: ...
+
+    @abc.abstractmethod
+    def denoising(self, model: ModelDir, load_transformer: TransformerLoader, device: torch.device) -> Denoising: ...
+
+    @abc.abstractmethod
+    def decoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> Decoding: ...

@@ -1,0 +1,230 @@
+"""Wan text-to-video: Wan2.1 (`WanPipeline`), Wan2.2 A14B (two experts switching at `boundary_ratio`) and
+Wan2.2 TI2V-5B (`expand_timesteps`: one timestep per token; the Wan2.2 VAE, 48 latent channels).
+
+Each part mirrors `WanPipeline.__call__` exactly (encode_prompt, timesteps, prepare_latents, the loop, the
+decode after it), so for the same directory, seed and sizes the mesh returns the latents and frames diffusers
+returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from services.common.errors import InvalidArgument
+from services.common.limits import MAX_FRAMES, MAX_SIDE, check_frames, check_side
+from services.common.models import ModelDir
+from services.families.base import (
+    Decoding,
+    DenoiseRun,
+    Denoising,
+    Family,
+    Limits,
+    Sampling,
+    StepCall,
+    TextEncoding,
+    TransformerLoader,
+)
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 512   # WanPipeline.__call__'s default
+BRANCH_KWARGS = frozenset({"hidden_states", "timestep", "encoder_hidden_states"})
+
+
+class WanTextEncoding(TextEncoding):
+    """UMT5 embeddings as `WanPipeline._get_t5_prompt_embeds` builds them: cleaned, padded to
+    max_sequence_length, truncated, real tokens kept and the padding positions zeroed."""
+
+    names = ("prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> None:
+        self.device = device
+        self.tokenizer = model.load("tokenizer")
+        self.text_encoder = model.load("text_encoder", dtype=dtype, device=device)
+
+    def encode(self, prompt: str, negative_prompt: str | None, max_sequence_length: int) -> dict[str, torch.Tensor]:
+        tensors = {"prompt_embeds": self._embed(prompt, max_sequence_length)}
+        if negative_prompt is not None:
+            tensors["negative_prompt_embeds"] = self._embed(negative_prompt, max_sequence_length)
+        return tensors
+
+    def _embed(self, text: str, max_sequence_length: int) -> torch.Tensor:
+        tokens = self.tokenizer(
+            [prompt_clean(text)], padding="max_length", max_length=max_sequence_length, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        seq_len = int(mask.gt(0).sum())
+        hidden = self.text_encoder(ids, mask).last_hidden_state.float()
+        embeds = torch.zeros_like(hidden)
+        embeds[:, :seq_len] = hidden[:, :seq_len]
+        return embeds.cpu()
+
+
+class WanRun(DenoiseRun):
+    def __init__(self, denoising: WanDenoising, params: Sampling, tensors: Mapping[str, torch.Tensor],
+                 device: torch.device) -> None:
+        self.denoising = denoising
+        self.params = params
+        dtype = denoising.dtype
+        # Embeddings: one copy per output, on the device, in the transformers' dtype
+        self.prompt_embeds = tensors["prompt_embeds"].to(device, dtype).repeat(params.num_outputs, 1, 1)
+        negative = tensors.get("negative_prompt_embeds") if params.guidance_scale > 1.0 else None
+        self.negative_prompt_embeds = None if negative is None else negative.to(device, dtype).repeat(
+            params.num_outputs, 1, 1)
+        # Timesteps: a fresh scheduler per request, since schedulers keep per-run state
+        template = denoising.scheduler_template
+        self.scheduler = type(template).from_config(template.config)
+        self.scheduler.set_timesteps(params.num_inference_steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+        self.scheduler.set_begin_index(0)
+        # Latents: drawn on the CPU from the seed, so a seed means the same video on every device
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        self.latents = randn_tensor(denoising.latent_shape(params), generator=generator,
+                                    dtype=torch.float32).to(device)
+        ratio = denoising.boundary_ratio
+        self.boundary = None if ratio is None else ratio * self.scheduler.config.num_train_timesteps
+
+    def step_call(self, latents: torch.Tensor, t: torch.Tensor, index: int) -> StepCall:
+        d, params = self.denoising, self.params
+        if self.boundary is None or t >= self.boundary:
+            model, scale = d.transformer, params.guidance_scale          # Wan2.1, or Wan2.2's high-noise expert
+        else:
+            model = d.transformer_2
+            scale = params.guidance_scale if params.guidance_scale_2 is None else params.guidance_scale_2
+        hidden = latents.to(d.dtype)
+        if d.expand_timesteps:
+            # One timestep per token (TI2V): with no condition frame, every token's is t.
+            tokens = hidden.shape[2] * (hidden.shape[3] // d.patch_size[1]) * (hidden.shape[4] // d.patch_size[2])
+            timestep = t.expand(hidden.shape[0], tokens).float()
+        else:
+            timestep = t.expand(hidden.shape[0])
+        cond = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states=self.prompt_embeds)
+        uncond = None if self.negative_prompt_embeds is None else {
+            **cond, "encoder_hidden_states": self.negative_prompt_embeds}
+        return StepCall(model, cond, uncond, scale, BRANCH_KWARGS)
+
+
+class WanDenoising(Denoising):
+    conditioning_names = ("prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(self, model: ModelDir, load_transformer: TransformerLoader, device: torch.device) -> None:
+        self.transformer = load_transformer("transformer")
+        self.transformer_2 = load_transformer("transformer_2") if model.has("transformer_2") else None
+        self.boundary_ratio = model.index.get("boundary_ratio")
+        if self.boundary_ratio is not None and self.transformer_2 is None:
+            raise ValueError(f"{model.path}: boundary_ratio is set but model_index.json has no transformer_2")
+        self.expand_timesteps = bool(model.index.get("expand_timesteps", False))
+        self.scheduler_template = model.load("scheduler")
+        vae = model.config("vae")
+        self.scale_temporal = int(vae.get("scale_factor_temporal", 4))
+        self.scale_spatial = int(vae.get("scale_factor_spatial", 8))
+        config = self.transformer.config
+        self.latent_channels = int(config.in_channels)      # WanPipeline's num_channels_latents
+        self.text_dim = int(config.text_dim)
+        self.patch_size = tuple(int(p) for p in config.patch_size)
+        self.max_patches = int(config.rope_max_seq_len)
+
+    @property
+    def transformers(self) -> list[torch.nn.Module]:
+        return [m for m in (self.transformer, self.transformer_2) if m is not None]
+
+    def latent_shape(self, params: Sampling) -> tuple[int, ...]:
+        return (params.num_outputs, self.latent_channels, (params.num_frames - 1) // self.scale_temporal + 1,
+                params.height // self.scale_spatial, params.width // self.scale_spatial)
+
+    def check(self, params: Sampling) -> None:
+        multiple = self.scale_spatial * self.patch_size[1]
+        check_side("width", params.width, multiple)
+        check_side("height", params.height, multiple)
+        check_frames(params.num_frames, self.scale_temporal)
+        _, _, frames, height, width = self.latent_shape(params)
+        for field, latent, patch, scale in (("num_frames", frames, self.patch_size[0], self.scale_temporal),
+                                            ("height", height, self.patch_size[1], self.scale_spatial),
+                                            ("width", width, self.patch_size[2], self.scale_spatial)):
+            if latent // patch > self.max_patches:
+                limit = self.max_patches * patch * scale
+                raise InvalidArgument(field, f"{getattr(params, field)} exceeds this model's limit of about {limit}")
+        if params.guidance_scale_2 is not None and self.boundary_ratio is None:
+            raise InvalidArgument("guidance_scale_2", "this model has one transformer; guidance_scale_2 needs two")
+
+    def check_conditioning(self, params: Sampling, tensors: Mapping[str, torch.Tensor]) -> None:
+        for name in self.conditioning_names:
+            embeds = tensors.get(name)
+            if embeds is None:
+                if name == "prompt_embeds" or params.guidance_scale > 1.0:
+                    raise InvalidArgument(name, "required" if name == "prompt_embeds"
+                                          else "required when guidance_scale > 1")
+                continue
+            check_embeddings(name, embeds, self.text_dim)
+
+    def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
+        return WanRun(self, params, tensors, device)
+
+
+def check_embeddings(name: str, embeds: torch.Tensor, width: int, rank: int = 3) -> None:
+    """One prompt's embeddings: [1, L, width] (rank 3) or [1, width] (rank 2, pooled), floating point."""
+    shape = [1, "L", width] if rank == 3 else [1, width]
+    if embeds.dim() != rank or embeds.shape[0] != 1 or embeds.shape[-1] != width:
+        raise InvalidArgument(name, f"shape {list(embeds.shape)} is not {shape}")
+    if not embeds.is_floating_point():
+        raise InvalidArgument(name, f"dtype {embeds.dtype} is not a floating point type")
+
+
+class WanDecoding(Decoding):
+    def __init__(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> None:
+        self.device = device
+        self.vae = model.load("vae", dtype=dtype, device=device)
+        config = self.vae.config
+        self.z_dim = int(config.z_dim)
+        self.latents_mean = torch.tensor(config.latents_mean).view(1, self.z_dim, 1, 1, 1)
+        self.latents_std = torch.tensor(config.latents_std).view(1, self.z_dim, 1, 1, 1)
+        self.video_processor = VideoProcessor(vae_scale_factor=int(config.scale_factor_spatial))
+
+    def check(self, latents: torch.Tensor) -> None:
+        if latents.dim() != 5 or latents.shape[1] != self.z_dim:
+            raise InvalidArgument("latents", f"shape {list(latents.shape)} is not [n, {self.z_dim}, T, H, W]")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = self.vae.dtype
+        latents = latents.to(self.device, dtype)
+        mean = self.latents_mean.to(self.device, dtype)
+        # Cast, then invert, in the VAE's dtype: WanPipeline's `1.0 / tensor(std).to(dtype)` does exactly that,
+        # and in bfloat16 inverting first gives different frames.
+        inv_std = 1.0 / self.latents_std.to(self.device, dtype)
+        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]       # [n, 3, F, H, W]
+        # Post-process as WanPipeline's VideoProcessor does (denormalize in the VAE's dtype, then float32).
+        if self.video_processor.config.do_normalize:
+            video = self.video_processor.denormalize(video)
+        return video.permute(0, 2, 3, 4, 1).float()                                   # [n, F, H, W, 3]
+
+
+class WanFamily(Family):
+    name = "wan"
+    pipeline_classes = ("WanPipeline",)
+    supports_gang = True
+
+    def limits(self, model: ModelDir) -> Limits:
+        transformer, vae = model.config("transformer"), model.config("vae")
+        spatial, temporal = int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4))
+        patch = [int(p) for p in transformer.get("patch_size", (1, 2, 2))]
+        patches = int(transformer.get("rope_max_seq_len", 1024))
+        multiple = spatial * patch[1]
+        max_side = min(MAX_SIDE, patches * patch[1] * spatial) // multiple * multiple
+        max_frames = min(MAX_FRAMES, (patches * patch[0] - 1) * temporal + 1)
+        return Limits(family=self.name, task="text-to-video", size_multiple=multiple, max_side=max_side,
+                      frame_multiple=temporal, max_frames=max_frames, default_width=832, default_height=480,
+                      default_frames=81, default_steps=50, default_guidance_scale=5.0, default_fps=16,
+                      max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH)
+
+    def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
+        return WanTextEncoding(model, dtype, device)
+
+    def denoising(self, model: ModelDir, load_transformer: TransformerLoader, device: torch.device) -> Denoising:
+        return WanDenoising(model, load_transformer, device)
+
+    def decoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> Decoding:
+        return WanDecoding(model, dtype, device)
