@@ -18,6 +18,22 @@ MEDIA_FORMAT_PNG: MediaFormat
 MEDIA_FORMAT_MP4: MediaFormat
 MEDIA_FORMAT_NONE: MediaFormat
 
+class EncodeImageRequest(_message.Message):
+    __slots__ = ("request_id", "model", "image", "width", "height", "num_frames")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    image: bytes
+    width: int
+    height: int
+    num_frames: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ...) -> None: ...
+
 class DecodeParams(_message.Message):
     __slots__ = ("request_id", "model", "format", "fps", "return_frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

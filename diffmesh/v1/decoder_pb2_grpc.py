@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from diffmesh.v1 import decoder_pb2 as diffmesh_dot_v1_dot_decoder__pb2
+from diffmesh.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -39,6 +40,11 @@ class DecoderStub:
                 request_serializer=diffmesh_dot_v1_dot_decoder__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=diffmesh_dot_v1_dot_decoder__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.EncodeImage = channel.unary_stream(
+                '/diffmesh.v1.Decoder/EncodeImage',
+                request_serializer=diffmesh_dot_v1_dot_decoder__pb2.EncodeImageRequest.SerializeToString,
+                response_deserializer=diffmesh_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
+                _registered_method=True)
 
 
 class DecoderServicer:
@@ -53,6 +59,14 @@ class DecoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeImage(self, request, context):
+        """The conditioning image through the VAE's encoder (image-to-video), by the stage that holds the VAE:
+        streams "condition_latents" float32 as TensorChunks, normalised as the model's pipeline does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_DecoderServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=diffmesh_dot_v1_dot_decoder__pb2.DecodeRequest.FromString,
                     response_serializer=diffmesh_dot_v1_dot_decoder__pb2.DecodeResponse.SerializeToString,
+            ),
+            'EncodeImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.EncodeImage,
+                    request_deserializer=diffmesh_dot_v1_dot_decoder__pb2.EncodeImageRequest.FromString,
+                    response_serializer=diffmesh_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class Decoder:
             '/diffmesh.v1.Decoder/Decode',
             diffmesh_dot_v1_dot_decoder__pb2.DecodeRequest.SerializeToString,
             diffmesh_dot_v1_dot_decoder__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/diffmesh.v1.Decoder/EncodeImage',
+            diffmesh_dot_v1_dot_decoder__pb2.EncodeImageRequest.SerializeToString,
+            diffmesh_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ JOB_STATUS_FAILED: JobStatus
 JOB_STATUS_CANCELLED: JobStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id", "true_cfg_scale", "guidance_scale_2")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id", "true_cfg_scale", "guidance_scale_2", "image")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -60,7 +61,8 @@ class GenerateRequest(_message.Message):
     request_id: str
     true_cfg_scale: float
     guidance_scale_2: float
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
+    image: bytes
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed")

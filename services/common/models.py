@@ -51,7 +51,7 @@ class ModelDir:
         """Load one component with its own class from `<path>/<component>`, offline."""
         cls = self.component_class(component)
         folder = self.path / component
-        if component == "scheduler":
+        if component in ("scheduler", "image_processor"):   # configs only, no weights
             return cls.from_pretrained(folder)
         if component == "tokenizer":
             return cls.from_pretrained(folder, local_files_only=True)

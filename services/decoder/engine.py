@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from services.common.errors import InvalidArgument
+from services.common.images import decode_image
+from services.common.limits import MAX_FRAMES, MAX_SIDE
 from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.decoder import media
@@ -29,6 +31,17 @@ class DecodeParams:
     format: str = "auto"          # one of FORMATS
     fps: int = media.DEFAULT_FPS
     return_frames: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionParams:
+    """A conditioning image to encode with the VAE, for a video of this size and length."""
+
+    request_id: str
+    image: bytes
+    width: int
+    height: int
+    num_frames: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +74,21 @@ class DecoderEngine:
         self.decoding.check(latents)
         if params.format == "png" and latents.dim() == 5 and latents.shape[2] != 1:
             raise InvalidArgument("format", "png holds one frame; use mp4 for num_frames > 1")
+
+    def check_condition(self, params: ConditionParams) -> None:
+        for field in ("width", "height"):
+            value = getattr(params, field)
+            if not 1 <= value <= MAX_SIDE:
+                raise InvalidArgument(field, f"{value} is outside 1..{MAX_SIDE}")
+        if not 1 <= params.num_frames <= MAX_FRAMES:
+            raise InvalidArgument("num_frames", f"{params.num_frames} is outside 1..{MAX_FRAMES}")
+
+    @torch.inference_mode()
+    def encode_condition(self, params: ConditionParams) -> dict[str, torch.Tensor]:
+        """The conditioning image through the VAE's encoder, as the model's pipeline prepares it."""
+        self.check_condition(params)
+        image = decode_image(params.image)
+        return self.decoding.encode_condition(image, params.width, params.height, params.num_frames)
 
     @torch.inference_mode()
     def decode(self, params: DecodeParams, latents: torch.Tensor) -> Decoded:

@@ -15,7 +15,7 @@ from services.common.server import AdmissionGate, rpc_method
 from services.common.stage import StageSpec, stage_main
 from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
 from services.decoder import media
-from services.decoder.engine import DecodeParams, DecoderEngine
+from services.decoder.engine import ConditionParams, DecodeParams, DecoderEngine
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,19 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         if decoded.frames is not None:
             for chunk in iter_chunks("frames", torch.from_numpy(decoded.frames)):
                 yield decoder_pb2.DecodeResponse(tensor=chunk)
+
+    @rpc_method
+    async def EncodeImage(self, request: decoder_pb2.EncodeImageRequest, context: grpc.aio.ServicerContext):
+        check_model(request.model, self.engine.model_name)
+        params = ConditionParams(request_id=request.request_id, image=request.image, width=request.width,
+                                 height=request.height, num_frames=request.num_frames)
+        self.engine.check_condition(params)
+        # The same gate as Decode: one VAE, one call at a time.
+        async with self.gate:
+            tensors = await asyncio.to_thread(self.engine.encode_condition, params)
+        for name, tensor in tensors.items():
+            for chunk in iter_chunks(name, tensor):
+                yield chunk
 
 
 SPEC = StageSpec(

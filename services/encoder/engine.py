@@ -12,6 +12,7 @@ import logging
 import torch
 
 from services.common.errors import InvalidArgument
+from services.common.images import decode_image
 from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.families import family_for
@@ -29,6 +30,7 @@ class EncodeParams:
     guidance_scale: float = 5.0
     true_cfg_scale: float = 1.0
     max_sequence_length: int | None = None     # None: the family's default
+    image: bytes = b""                         # an encoded conditioning image (image-to-video), or none
 
 
 class EncoderEngine:
@@ -37,7 +39,9 @@ class EncoderEngine:
         self.device = platform.device()
         self.family = family_for(model)
         self.limits = self.family.limits(model)
-        self.encoding = self.family.text_encoding(model, dtype or platform.default_dtype(), self.device)
+        weights_dtype = dtype or platform.default_dtype()
+        self.encoding = self.family.text_encoding(model, weights_dtype, self.device)
+        self.image_encoding = self.family.image_encoding(model, weights_dtype, self.device)
         logger.info("encoder loaded %s (%s family) on %s", model.path, self.family.name, self.device)
 
     def check(self, params: EncodeParams) -> None:
@@ -46,6 +50,10 @@ class EncoderEngine:
         length = self.sequence_length(params)
         if not 1 <= length <= MAX_SEQUENCE_LENGTH:
             raise InvalidArgument("max_sequence_length", f"{length} is outside 1..{MAX_SEQUENCE_LENGTH}")
+        if params.image and not self.limits.needs_image:
+            raise InvalidArgument("image", f"{self.model_name} ({self.limits.task}) takes no conditioning image")
+        if self.limits.needs_image and not params.image:
+            raise InvalidArgument("image", f"{self.model_name} ({self.limits.task}) needs a conditioning image")
 
     def sequence_length(self, params: EncodeParams) -> int:
         return params.max_sequence_length or self.limits.max_sequence_length
@@ -59,4 +67,7 @@ class EncoderEngine:
         """Named float32 tensors on the CPU, in the order they are sent."""
         self.check(params)
         negative = params.negative_prompt if self.negative_needed(params) else None
-        return self.encoding.encode(params.prompt, negative, self.sequence_length(params))
+        tensors = self.encoding.encode(params.prompt, negative, self.sequence_length(params))
+        if params.image and self.image_encoding is not None:
+            tensors.update(self.image_encoding.encode(decode_image(params.image)))
+        return tensors

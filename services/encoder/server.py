@@ -34,6 +34,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             guidance_scale=request.guidance_scale,
             true_cfg_scale=request.true_cfg_scale if request.HasField("true_cfg_scale") else 1.0,
             max_sequence_length=request.max_sequence_length or None,
+            image=request.image,
         )
         self.engine.check(params)
         async with self.gate:

@@ -4,10 +4,12 @@ A family is one module in this package. It says which diffusers pipeline classes
 ask of its models (`Limits`, read from the configs without loading weights), and, for each stage, the part
 that is specific to it:
 
-- `TextEncoding`: prompt -> named conditioning tensors (e.g. "prompt_embeds", "pooled_prompt_embeds").
+- `TextEncoding`: prompt -> named conditioning tensors (e.g. "prompt_embeds", "pooled_prompt_embeds"); and, for
+  models conditioned on an image, `ImageEncoding`: image -> e.g. "image_embeds" (both in the encoder stage).
 - `Denoising`: checks, then one `DenoiseRun` per request: timesteps, the first latents, and for each step a
   `StepCall` (which transformer, the kwargs of each guidance branch, the guidance scale).
-- `Decoding`: latents as they travel -> frames [n, F, H, W, 3] in 0..1 on the device.
+- `Decoding`: latents as they travel -> frames [n, F, H, W, 3] in 0..1 on the device; and, for image-to-video,
+  the conditioning image through the VAE's encoder ("condition_latents"), since this stage holds the VAE.
 
 Stage engines keep the mechanics (load, loop, cancel, timing, transport) and never look at a family's
 numbers. The wire stays generic: conditioning is a set of named tensors, latents are one tensor.
@@ -21,7 +23,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from PIL import Image
 
+from services.common.errors import InvalidArgument
 from services.common.models import ModelDir
 
 TASKS = ("text-to-image", "text-to-video", "image-to-video")
@@ -111,6 +115,15 @@ class TextEncoding(abc.ABC):
         """`negative_prompt` None: no guidance branch, send only the positive tensors."""
 
 
+class ImageEncoding(abc.ABC):
+    """The encoder stage's part for a conditioning image: image -> named tensors, float32 on the CPU."""
+
+    names: tuple[str, ...]
+
+    @abc.abstractmethod
+    def encode(self, image: Image.Image) -> dict[str, torch.Tensor]: ...
+
+
 class Denoising(abc.ABC):
     """The denoiser stage's part: the transformer(s) and scheduler, and how a request is denoised."""
 
@@ -145,6 +158,10 @@ class Decoding(abc.ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as they travel -> frames float32 [n, F, H, W, 3] in 0..1, on the device."""
 
+    def encode_condition(self, image: Image.Image, width: int, height: int, num_frames: int) -> dict[str, torch.Tensor]:
+        """The conditioning image through the VAE's encoder, float32 on the CPU (image-to-video families)."""
+        raise InvalidArgument("image", "this model takes no conditioning image")
+
 
 TransformerLoader = Callable[[str], torch.nn.Module]   # component name -> the loaded (maybe sharded) module
 
@@ -171,6 +188,10 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding: ...
+
+    def image_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> ImageEncoding | None:
+        """The image encoder, for families conditioned on one through it (None: no image encoder)."""
+        return None
 
     @abc.abstractmethod
     def denoising(self, model: ModelDir, load_transformer: TransformerLoader, device: torch.device) -> Denoising: ...

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from diffmesh.v1 import decoder_pb2, denoiser_pb2, encoder_pb2, tensor_pb2
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from services.common.images import check_image
 from services.common.limits import check_frames, check_guidance, check_outputs, check_side, check_steps
 from services.families.base import Limits
 from services.families.wire import limits_from_proto
@@ -68,6 +69,7 @@ class GenerationRequest:
     return_latents: bool = False
     return_frames: bool = False
     timeout_s: float | None = None
+    image: bytes = dataclasses.field(default=b"", repr=False)   # encoded conditioning image (image-to-video)
 
     def validate(self, limits: Limits, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
         """Reject what the model's stages could not serve, naming the field, before any stage is called."""
@@ -104,6 +106,12 @@ class GenerationRequest:
                 f"over this gateway's limit of {max_output_pixels} (--max-output-pixels)")
         if not -(2**63) <= self.seed < 2**63:
             raise InvalidArgument("seed", f"{self.seed} does not fit in a signed 64-bit integer")
+        if limits.needs_image and not self.image:
+            raise InvalidArgument("image", f"{self.model} ({limits.task}) needs a conditioning image")
+        if self.image and not limits.needs_image:
+            raise InvalidArgument("image", f"{self.model} ({limits.task}) takes no conditioning image")
+        if self.image:
+            check_image(self.image, "image")
 
 
 
@@ -159,6 +167,20 @@ class ModelRoute:
         return self.limits
 
 
+async def collect(stream: AsyncIterator) -> list:
+    return [item async for item in stream]
+
+
+async def gather_or_cancel(calls: list) -> list:
+    """Run the calls at once; the first failure cancels the others (no stage works on for a failed request)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 class MeshPipeline:
     def __init__(self, routes: list[ModelRoute], max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
         if not routes:
@@ -194,17 +216,22 @@ class MeshPipeline:
                 raise DeadlineExceeded(f"request {request.request_id} ran past its {request.timeout_s:.0f}s deadline")
             return left
 
-        # 1. Encode the prompt (and the negative prompt when guidance is on)
-        embeddings: list[tensor_pb2.TensorChunk] = []
+        # 1. Encode the prompt (the negative prompt when guidance needs it, the image when there is one), and the
+        # conditioning image through the VAE on the decoder, at once: the two stages do not wait on each other.
         encode_request = encoder_pb2.EncodeRequest(
             request_id=request.request_id, model=request.model, prompt=request.prompt,
             negative_prompt=request.negative_prompt, guidance_scale=request.guidance_scale,
-            true_cfg_scale=request.true_cfg_scale,
+            true_cfg_scale=request.true_cfg_scale, image=request.image,
         )
-        async for chunk in route.encoder.stream(
-            lambda stub, kw: stub.Encode(encode_request, **kw), request.request_id, remaining()
-        ):
-            embeddings.append(chunk)
+        calls = [collect(route.encoder.stream(lambda stub, kw: stub.Encode(encode_request, **kw),
+                                              request.request_id, remaining()))]
+        if request.image:
+            condition_request = decoder_pb2.EncodeImageRequest(
+                request_id=request.request_id, model=request.model, image=request.image, width=request.width,
+                height=request.height, num_frames=request.num_frames)
+            calls.append(collect(route.decoder.stream(lambda stub, kw: stub.EncodeImage(condition_request, **kw),
+                                                      request.request_id, remaining())))
+        embeddings = [chunk for chunks in await gather_or_cancel(calls) for chunk in chunks]
         yield ProgressEvent("encode", 1, 1, ENCODE_SHARE)
 
         # 2. Denoise: one progress event per step, then the latents

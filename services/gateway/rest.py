@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 
 from services.common.errors import InvalidArgument, MeshError
 from services.common.logs import request_context
@@ -63,6 +64,9 @@ class VideoRequest(BaseModel):
     guidance_scale: float | None = None
     guidance_scale_2: float | None = None
     seed: int | None = None
+    # The conditioning image (image-to-video): in JSON a data URL (data:image/png;base64,...); in a multipart form
+    # (what the OpenAI SDK sends) a file, read into bytes before this model is built.
+    input_reference: str | bytes | None = Field(default=None, repr=False)
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -71,8 +75,50 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     return JSONResponse(body, status_code=status)
 
 
+# Fields the REST API names differently from the gRPC one (and the stages): errors name the REST field.
+REST_FIELDS = {"image": "input_reference"}
+
+
 def mesh_error_response(error: MeshError) -> JSONResponse:
-    return error_response(error.http_status, error.message, getattr(error, "field", None))
+    field = getattr(error, "field", None)
+    if field in REST_FIELDS:
+        return error_response(error.http_status, REST_FIELDS[field] + error.message[len(field):], REST_FIELDS[field])
+    return error_response(error.http_status, error.message, field)
+
+
+def image_bytes(reference: str | bytes | None) -> bytes:
+    """input_reference -> the encoded image: file bytes as uploaded, or a data URL's payload."""
+    if reference is None or isinstance(reference, bytes):
+        return reference or b""
+    header, sep, payload = reference.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise InvalidArgument("input_reference", "must be a file upload or a data URL (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise InvalidArgument("input_reference", "the data URL's payload is not valid base64") from None
+
+
+async def video_request_from(request: Request) -> VideoRequest:
+    """The body as JSON or as a multipart form (the OpenAI SDK's videos.create sends a form, and the image in it
+    as a file); both end as one VideoRequest, checked by the same model."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        values: dict = {}
+        for key, value in form.multi_items():
+            values[key] = await value.read() if isinstance(value, UploadFile) else value
+    else:
+        try:
+            values = await request.json()
+        except ValueError:
+            raise InvalidArgument("body", "is not valid JSON (or a multipart form)") from None
+        if not isinstance(values, dict):
+            raise InvalidArgument("body", "must be a JSON object")
+    try:
+        return VideoRequest.model_validate(values)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
 
 
 def frames_for(seconds: float | str | None, fps: int, frame_multiple: int = 4) -> int:
@@ -199,7 +245,8 @@ def create_app(service: GatewayService) -> FastAPI:
         return Response(item.data, media_type=item.mime_type)
 
     @app.post("/v1/videos")
-    async def create_video(body: VideoRequest, request: Request) -> dict:
+    async def create_video(request: Request) -> dict:
+        body = await video_request_from(request)
         width, height = parse_size(body.size, "size") if body.size else (0, 0)
         limits = await service.pipeline.limits(body.model or service.config.model_name)
         if not limits.makes_video:
@@ -217,6 +264,7 @@ def create_app(service: GatewayService) -> FastAPI:
             negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps or 0,
             guidance_scale=body.guidance_scale, guidance_scale_2=body.guidance_scale_2, seed=body.seed,
             format="mp4", fps=fps, request_id=request.headers.get("x-request-id", ""),
+            image=image_bytes(body.input_reference),
         )
         with request_context(generation.request_id):
             job = await service.submit(generation, prefix="video")

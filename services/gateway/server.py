@@ -80,6 +80,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             seed=request.seed if request.HasField("seed") else None, n=request.n,
             format=FORMAT_NAMES[request.format], fps=request.fps, return_latents=request.return_latents,
             return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
+            image=request.image,
         )
         client_deadline = context.time_remaining()
         if client_deadline is not None and client_deadline < (generation.timeout_s or float("inf")):

@@ -41,6 +41,7 @@ class GatewayService:
         return_latents: bool = False,
         return_frames: bool = False,
         request_id: str = "",
+        image: bytes = b"",
     ) -> GenerationRequest:
         """Fill what the caller left out (0 / None / '') with the gateway's defaults, then the model's (from its
         limits); draw a seed if none. An unknown model is NotFound; a model whose stages are down, Unavailable."""
@@ -66,6 +67,7 @@ class GatewayService:
             return_latents=return_latents,
             return_frames=return_frames,
             timeout_s=self.config.request_timeout_s,
+            image=image,
         )
 
     async def submit(self, request: GenerationRequest, prefix: str = "gen") -> Job:
