@@ -193,16 +193,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("error: -o must end in .png or .mp4", file=sys.stderr)
         return 2
     frames = args.frames or (1 if suffix == ".png" else 17)
-    width, height = (int(v) for v in args.size.lower().split("x")) if args.size else (0, 0)
     request = gateway_pb2.GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt or "", model=args.model or "",
-        width=width, height=height, num_frames=frames, num_inference_steps=args.steps or 0, n=args.n,
-        format=decoder_pb2.MEDIA_FORMAT_PNG if suffix == ".png" else decoder_pb2.MEDIA_FORMAT_MP4, fps=args.fps,
+        prompt=args.prompt, negative_prompt=args.negative_prompt or "", model=args.model or "", num_frames=frames,
+        n=args.n, format=decoder_pb2.MEDIA_FORMAT_PNG if suffix == ".png" else decoder_pb2.MEDIA_FORMAT_MP4,
     )
-    if args.seed is not None:
-        request.seed = args.seed
-    if args.guidance_scale is not None:
-        request.guidance_scale = args.guidance_scale
+    if args.size:
+        width, _, height = args.size.lower().partition("x")
+        if not (width.isdecimal() and height.isdecimal()):
+            print(f"error: --size {args.size!r} is not WIDTHxHEIGHT", file=sys.stderr)
+            return 2
+        request.width, request.height = int(width), int(height)
+    if args.image:
+        request.image = pathlib.Path(args.image).read_bytes()
+    # Only what was given is set: the gateway applies the model's defaults to the rest.
+    for field, value in (("seed", args.seed), ("guidance_scale", args.guidance_scale), ("fps", args.fps),
+                         ("num_inference_steps", args.steps), ("true_cfg_scale", args.true_cfg_scale)):
+        if value is not None:
+            setattr(request, field, value)
     client = GatewayClient(args.gateway)
     bar = tqdm(total=100, unit="%", desc="generating", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}% {postfix}")
 
@@ -271,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--n", type=int, default=1)
-    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default: the model's)")
+    gen.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG with --negative-prompt (FLUX)")
+    gen.add_argument("--image", default=None, metavar="FILE", help="conditioning image (image-to-video models)")
     gen.add_argument("--gateway", default=os.environ.get("DIFFMESH_GATEWAY", "127.0.0.1:50051"))
     gen.add_argument("--timeout", type=float, default=3600.0)
     gen.add_argument("-o", "--output", required=True, help="FILE.png or FILE.mp4")

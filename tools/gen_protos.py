@@ -44,9 +44,11 @@ def check() -> int:
         fresh = {p.name: p for p in generate(pathlib.Path(tmp))}
         committed = {p.name: p for p in (ROOT / PACKAGE_DIR).iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
         stale = sorted(set(fresh) ^ set(committed))
-        stale += sorted(n for n in set(fresh) & set(committed) if not filecmp.cmp(fresh[n], committed[n], shallow=False))
+        stale += sorted(n for n in set(fresh) & set(committed)
+                        if not filecmp.cmp(fresh[n], committed[n], shallow=False))
     if stale:
-        print("stubs out of date with proto/: " + ", ".join(stale) + "; run `python tools/gen_protos.py`", file=sys.stderr)
+        print("stubs out of date with proto/: " + ", ".join(stale) + "; run `python tools/gen_protos.py`",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from diffmesh.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iffmesh/v1/decoder.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\"y\n\x12\x45ncodeImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\"\x7f\n\x0c\x44\x65\x63odeParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.diffmesh.v1.MediaFormat\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x05\x12\x15\n\rreturn_frames\x18\x05 \x01(\x08\"p\n\rDecodeRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x19.diffmesh.v1.DecodeParamsH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x42\x06\n\x04item\"n\n\x0e\x44\x65\x63odeResponse\x12(\n\x05media\x18\x01 \x01(\x0b\x32\x17.diffmesh.v1.MediaChunkH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x42\x06\n\x04item*g\n\x0bMediaFormat\x12\x15\n\x11MEDIA_FORMAT_AUTO\x10\x00\x12\x14\n\x10MEDIA_FORMAT_PNG\x10\x01\x12\x14\n\x10MEDIA_FORMAT_MP4\x10\x02\x12\x15\n\x11MEDIA_FORMAT_NONE\x10\x03\x32\x9c\x01\n\x07\x44\x65\x63oder\x12\x45\n\x06\x44\x65\x63ode\x12\x1a.diffmesh.v1.DecodeRequest\x1a\x1b.diffmesh.v1.DecodeResponse(\x01\x30\x01\x12J\n\x0b\x45ncodeImage\x12\x1f.diffmesh.v1.EncodeImageRequest\x1a\x18.diffmesh.v1.TensorChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iffmesh/v1/decoder.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\"y\n\x12\x45ncodeImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\"\x8c\x01\n\x0c\x44\x65\x63odeParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.diffmesh.v1.MediaFormat\x12\x10\n\x03\x66ps\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rreturn_frames\x18\x05 \x01(\x08\x42\x06\n\x04_fps\"p\n\rDecodeRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x19.diffmesh.v1.DecodeParamsH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x42\x06\n\x04item\"n\n\x0e\x44\x65\x63odeResponse\x12(\n\x05media\x18\x01 \x01(\x0b\x32\x17.diffmesh.v1.MediaChunkH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x42\x06\n\x04item*g\n\x0bMediaFormat\x12\x15\n\x11MEDIA_FORMAT_AUTO\x10\x00\x12\x14\n\x10MEDIA_FORMAT_PNG\x10\x01\x12\x14\n\x10MEDIA_FORMAT_MP4\x10\x02\x12\x15\n\x11MEDIA_FORMAT_NONE\x10\x03\x32\x9c\x01\n\x07\x44\x65\x63oder\x12\x45\n\x06\x44\x65\x63ode\x12\x1a.diffmesh.v1.DecodeRequest\x1a\x1b.diffmesh.v1.DecodeResponse(\x01\x30\x01\x12J\n\x0b\x45ncodeImage\x12\x1f.diffmesh.v1.EncodeImageRequest\x1a\x18.diffmesh.v1.TensorChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffmesh.v1.decoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEDIAFORMAT']._serialized_start=546
-  _globals['_MEDIAFORMAT']._serialized_end=649
+  _globals['_MEDIAFORMAT']._serialized_start=560
+  _globals['_MEDIAFORMAT']._serialized_end=663
   _globals['_ENCODEIMAGEREQUEST']._serialized_start=68
   _globals['_ENCODEIMAGEREQUEST']._serialized_end=189
-  _globals['_DECODEPARAMS']._serialized_start=191
-  _globals['_DECODEPARAMS']._serialized_end=318
-  _globals['_DECODEREQUEST']._serialized_start=320
-  _globals['_DECODEREQUEST']._serialized_end=432
-  _globals['_DECODERESPONSE']._serialized_start=434
-  _globals['_DECODERESPONSE']._serialized_end=544
-  _globals['_DECODER']._serialized_start=652
-  _globals['_DECODER']._serialized_end=808
+  _globals['_DECODEPARAMS']._serialized_start=192
+  _globals['_DECODEPARAMS']._serialized_end=332
+  _globals['_DECODEREQUEST']._serialized_start=334
+  _globals['_DECODEREQUEST']._serialized_end=446
+  _globals['_DECODERESPONSE']._serialized_start=448
+  _globals['_DECODERESPONSE']._serialized_end=558
+  _globals['_DECODER']._serialized_start=666
+  _globals['_DECODER']._serialized_end=822
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from diffmesh.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iffmesh/v1/encoder.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\"\xd5\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05image\x18\t \x01(\x0c\x42\x11\n\x0f_true_cfg_scaleJ\x04\x08\x05\x10\x06\x32K\n\x07\x45ncoder\x12@\n\x06\x45ncode\x12\x1a.diffmesh.v1.EncodeRequest\x1a\x18.diffmesh.v1.TensorChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iffmesh/v1/encoder.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\"\xf2\x01\n\rEncodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12 \n\x13max_sequence_length\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05image\x18\t \x01(\x0c\x42\x16\n\x14_max_sequence_lengthB\x11\n\x0f_true_cfg_scaleJ\x04\x08\x05\x10\x06\x32K\n\x07\x45ncoder\x12@\n\x06\x45ncode\x12\x1a.diffmesh.v1.EncodeRequest\x1a\x18.diffmesh.v1.TensorChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffmesh.v1.encoder_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODEREQUEST']._serialized_start=69
-  _globals['_ENCODEREQUEST']._serialized_end=282
-  _globals['_ENCODER']._serialized_start=284
-  _globals['_ENCODER']._serialized_end=359
+  _globals['_ENCODEREQUEST']._serialized_end=311
+  _globals['_ENCODER']._serialized_start=313
+  _globals['_ENCODER']._serialized_end=388
 # @@protoc_insertion_point(module_scope)

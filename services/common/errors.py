@@ -29,6 +29,7 @@ class InvalidArgument(MeshError):
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
+        self.reason = reason
 
 
 class NotFound(MeshError):

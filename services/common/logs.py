@@ -35,7 +35,8 @@ def configure(service: str, rank: int = 0, level: str | None = None) -> None:
     handler.addFilter(_ContextFilter())
     handler.setFormatter(
         logging.Formatter(
-            "%(asctime)s %(levelname)s service=%(service)s rank=%(rank)s request_id=%(request_id)s %(name)s: %(message)s"
+            "%(asctime)s %(levelname)s service=%(service)s rank=%(rank)s request_id=%(request_id)s "
+            "%(name)s: %(message)s"
         )
     )
     root = logging.getLogger()

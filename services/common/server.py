@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
-from services.common.errors import Internal, MeshError, ResourceExhausted
+from services.common.errors import Internal, InvalidArgument, MeshError, ResourceExhausted
 from services.common.logs import request_context
 
 logger = logging.getLogger(__name__)
@@ -40,10 +42,20 @@ def request_id_from(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
+def status_of(error: MeshError) -> grpc.Status:
+    """The error as a rich gRPC status: its code and message, and for a bad field a google.rpc.BadRequest field
+    violation in the details, so clients find the field without parsing the message."""
+    status = status_pb2.Status(code=error.grpc_code.value[0], message=error.message)
+    if isinstance(error, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.reason)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return rpc_status.to_status(status)
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
     if isinstance(error, MeshError):
         logger.info("request failed: %s %s", error.grpc_code.name, error.message)
-        await context.abort(error.grpc_code, error.message)
+        await context.abort_with_status(status_of(error))
     logger.exception("internal error")
     await context.abort(Internal("").grpc_code, f"internal error (request_id={request_id})")
 

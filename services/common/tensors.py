@@ -39,7 +39,8 @@ def _dtype_name(tensor: torch.Tensor) -> str:
     try:
         return DTYPE_NAMES[tensor.dtype]
     except KeyError:
-        raise InvalidArgument("tensor.dtype", f"unsupported dtype {tensor.dtype}; use one of {sorted(DTYPES)}") from None
+        raise InvalidArgument("tensor.dtype",
+                              f"unsupported dtype {tensor.dtype}; use one of {sorted(DTYPES)}") from None
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:

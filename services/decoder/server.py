@@ -34,7 +34,7 @@ def params_from_proto(message: decoder_pb2.DecodeParams) -> DecodeParams:
     return DecodeParams(
         request_id=message.request_id,
         format=FORMAT_NAMES[message.format],
-        fps=message.fps or media.DEFAULT_FPS,
+        fps=message.fps if message.HasField("fps") else media.DEFAULT_FPS,
         return_frames=message.return_frames,
     )
 

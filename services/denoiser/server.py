@@ -53,7 +53,7 @@ def params_from_proto(message: denoiser_pb2.DenoiseParams) -> DenoiseParams:
         num_inference_steps=message.num_inference_steps,
         guidance_scale=message.guidance_scale,
         seed=message.seed,
-        num_outputs=message.num_outputs or 1,
+        num_outputs=message.num_outputs if message.HasField("num_outputs") else 1,
         true_cfg_scale=message.true_cfg_scale if message.HasField("true_cfg_scale") else 1.0,
         guidance_scale_2=message.guidance_scale_2 if message.HasField("guidance_scale_2") else None,
     )

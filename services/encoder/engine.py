@@ -56,7 +56,9 @@ class EncoderEngine:
             raise InvalidArgument("image", f"{self.model_name} ({self.limits.task}) needs a conditioning image")
 
     def sequence_length(self, params: EncodeParams) -> int:
-        return params.max_sequence_length or self.limits.max_sequence_length
+        if params.max_sequence_length is None:
+            return self.limits.max_sequence_length
+        return params.max_sequence_length
 
     def negative_needed(self, params: EncodeParams) -> bool:
         return self.family.negative_needed(self.limits, params.guidance_scale, params.true_cfg_scale,

@@ -33,7 +33,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             negative_prompt=request.negative_prompt,
             guidance_scale=request.guidance_scale,
             true_cfg_scale=request.true_cfg_scale if request.HasField("true_cfg_scale") else 1.0,
-            max_sequence_length=request.max_sequence_length or None,
+            max_sequence_length=request.max_sequence_length if request.HasField("max_sequence_length") else None,
             image=request.image,
         )
         self.engine.check(params)

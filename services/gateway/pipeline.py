@@ -102,7 +102,8 @@ class GenerationRequest:
         output_pixels = self.width * self.height * self.num_frames * self.n
         if output_pixels > max_output_pixels:
             raise InvalidArgument(
-                "size", f"{self.width}x{self.height} x {self.num_frames} frames x n={self.n} is {output_pixels} pixels, "
+                "size", f"{self.width}x{self.height} x {self.num_frames} frames x n={self.n} is {output_pixels} "
+                "pixels, "
                 f"over this gateway's limit of {max_output_pixels} (--max-output-pixels)")
         if not -(2**63) <= self.seed < 2**63:
             raise InvalidArgument("seed", f"{self.seed} does not fit in a signed 64-bit integer")
@@ -204,8 +205,8 @@ class MeshPipeline:
         request.validate(await self.limits(request.model), self.max_output_pixels)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        # Validated once, when the job was submitted (GatewayService.submit).
         route = self.route(request.model)
-        request.validate(await route.describe(), self.max_output_pixels)
         deadline = time.monotonic() + request.timeout_s if request.timeout_s else None
 
         def remaining() -> float | None:

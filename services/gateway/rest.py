@@ -40,8 +40,8 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str
     model: str | None = None
-    n: int = 1
-    size: str | None = Field(default=None, description="WIDTHxHEIGHT, multiples of 16")
+    n: int | None = None
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, multiples of the model's size_multiple")
     response_format: Literal["b64_json", "url"] = "b64_json"
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
@@ -76,7 +76,7 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 
 
 # Fields the REST API names differently from the gRPC one (and the stages): errors name the REST field.
-REST_FIELDS = {"image": "input_reference"}
+REST_FIELDS = {"image": "input_reference", "width": "size", "height": "size"}
 
 
 def mesh_error_response(error: MeshError) -> JSONResponse:
@@ -203,10 +203,10 @@ def create_app(service: GatewayService) -> FastAPI:
 
     @app.post("/v1/images/generations")
     async def create_images(body: ImageGenerationRequest, request: Request) -> dict:
-        width, height = parse_size(body.size, "size") if body.size else (0, 0)
+        width, height = parse_size(body.size, "size") if body.size is not None else (None, None)
         generation = await service.new_request(
             prompt=body.prompt, model=body.model or "", n=body.n, width=width, height=height, num_frames=1,
-            negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps or 0,
+            negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale, seed=body.seed, format="png",
             request_id=request.headers.get("x-request-id", ""),
         )
@@ -247,12 +247,12 @@ def create_app(service: GatewayService) -> FastAPI:
     @app.post("/v1/videos")
     async def create_video(request: Request) -> dict:
         body = await video_request_from(request)
-        width, height = parse_size(body.size, "size") if body.size else (0, 0)
+        width, height = parse_size(body.size, "size") if body.size is not None else (None, None)
         limits = await service.pipeline.limits(body.model or service.config.model_name)
         if not limits.makes_video:
             raise InvalidArgument("model", f"{body.model or service.config.model_name} makes images "
                                   f"({limits.task}); use /v1/images/generations")
-        fps = body.fps or limits.default_fps
+        fps = limits.default_fps if body.fps is None else body.fps
         if body.num_frames is not None:
             num_frames = body.num_frames
         elif body.seconds is not None:
@@ -261,7 +261,7 @@ def create_app(service: GatewayService) -> FastAPI:
             num_frames = limits.default_frames   # the model's native clip length
         generation = await service.new_request(
             prompt=body.prompt, model=body.model or "", width=width, height=height, num_frames=num_frames,
-            negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps or 0,
+            negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, guidance_scale_2=body.guidance_scale_2, seed=body.seed,
             format="mp4", fps=fps, request_id=request.headers.get("x-request-id", ""),
             image=image_bytes(body.input_reference),

@@ -70,15 +70,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         if request.format not in FORMAT_NAMES:
             raise InvalidArgument("format", f"unknown media format {request.format}")
+        def given(field: str):
+            """The field's value when the client set it, else None (the default applies, once, below)."""
+            return getattr(request, field) if request.HasField(field) else None
+
         generation = await self.service.new_request(
             prompt=request.prompt, model=request.model, negative_prompt=request.negative_prompt,
-            width=request.width, height=request.height, num_frames=request.num_frames,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
-            true_cfg_scale=request.true_cfg_scale if request.HasField("true_cfg_scale") else None,
-            guidance_scale_2=request.guidance_scale_2 if request.HasField("guidance_scale_2") else None,
-            seed=request.seed if request.HasField("seed") else None, n=request.n,
-            format=FORMAT_NAMES[request.format], fps=request.fps, return_latents=request.return_latents,
+            width=given("width"), height=given("height"), num_frames=given("num_frames"),
+            num_inference_steps=given("num_inference_steps"), guidance_scale=given("guidance_scale"),
+            true_cfg_scale=given("true_cfg_scale"), guidance_scale_2=given("guidance_scale_2"), seed=given("seed"),
+            n=given("n"), format=FORMAT_NAMES[request.format], fps=given("fps"), return_latents=request.return_latents,
             return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
             image=request.image,
         )
@@ -180,7 +181,8 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
 
     try:
         await run_server(
-            services=[(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(service), "diffmesh.v1.Gateway")],
+            services=[(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(service),
+                       "diffmesh.v1.Gateway")],
             host=config.host, port=config.grpc_port, grace_seconds=config.grace_seconds, on_started=started,
         )
     finally:

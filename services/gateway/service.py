@@ -11,6 +11,11 @@ from services.gateway.jobs import Job, JobStore, new_job_id
 from services.gateway.pipeline import Event, GenerationRequest, MeshPipeline
 
 
+def first_given(*values):
+    """The first value that is not None (0 counts as given)."""
+    return next(value for value in values if value is not None)
+
+
 class GatewayService:
     def __init__(self, config: GatewayConfig, pipeline: MeshPipeline, jobs: JobStore) -> None:
         self.config = config
@@ -27,24 +32,26 @@ class GatewayService:
         prompt: str,
         model: str = "",
         negative_prompt: str = "",
-        width: int = 0,
-        height: int = 0,
-        num_frames: int = 0,
-        num_inference_steps: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         true_cfg_scale: float | None = None,
         guidance_scale_2: float | None = None,
         seed: int | None = None,
-        n: int = 0,
+        n: int | None = None,
         format: str = "auto",
-        fps: int = 0,
+        fps: int | None = None,
         return_latents: bool = False,
         return_frames: bool = False,
         request_id: str = "",
         image: bytes = b"",
     ) -> GenerationRequest:
-        """Fill what the caller left out (0 / None / '') with the gateway's defaults, then the model's (from its
-        limits); draw a seed if none. An unknown model is NotFound; a model whose stages are down, Unavailable."""
+        """The one frozen request: what the caller left out (None) takes the gateway's default, then the model's
+        (from its limits), here and only here; what it gave is kept as given, so an explicit 0 fails validation
+        naming its field instead of silently becoming a default. Draws a seed if none. An unknown model is
+        NotFound; a model whose stages are down, Unavailable."""
         name = model or self.config.model_name
         limits = await self.pipeline.limits(name)
         d = self.config.defaults
@@ -53,17 +60,17 @@ class GatewayService:
             model=name,
             prompt=prompt,
             negative_prompt=negative_prompt or "",
-            width=width or d.width or limits.default_width,
-            height=height or d.height or limits.default_height,
-            num_frames=num_frames or 1,
-            num_inference_steps=num_inference_steps or d.num_inference_steps or limits.default_steps,
+            width=first_given(width, d.width, limits.default_width),
+            height=first_given(height, d.height, limits.default_height),
+            num_frames=first_given(num_frames, 1),
+            num_inference_steps=first_given(num_inference_steps, d.num_inference_steps, limits.default_steps),
             guidance_scale=limits.default_guidance_scale if guidance_scale is None else float(guidance_scale),
             true_cfg_scale=1.0 if true_cfg_scale is None else float(true_cfg_scale),
             guidance_scale_2=None if guidance_scale_2 is None else float(guidance_scale_2),
             seed=secrets.randbits(63) if seed is None else int(seed),
-            n=n or 1,
+            n=first_given(n, 1),
             format=format or "auto",
-            fps=fps or limits.default_fps,
+            fps=first_given(fps, limits.default_fps),
             return_latents=return_latents,
             return_frames=return_frames,
             timeout_s=self.config.request_timeout_s,

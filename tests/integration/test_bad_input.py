@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 import httpx
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from diffmesh.v1 import gateway_pb2
 
@@ -28,7 +30,17 @@ BAD = [
     ("n-over-10", dict(n=11), {"n": 11}, "INVALID_ARGUMENT", "n"),
     ("n-negative", dict(n=-1), {"n": -1}, "INVALID_ARGUMENT", "n"),
     ("unknown-model", dict(model="no-such-model"), {"model": "no-such-model"}, "NOT_FOUND", "no-such-model"),
+    # An explicit 0 is checked as given, never silently replaced by the default.
+    ("width-zero", dict(width=0), {"size": "0x32"}, "INVALID_ARGUMENT", "width"),
+    ("height-zero", dict(height=0), {"size": "32x0"}, "INVALID_ARGUMENT", "height"),
+    ("frames-zero", dict(num_frames=0), None, "INVALID_ARGUMENT", "num_frames"),
+    ("steps-zero-explicit", dict(num_inference_steps=0), {"num_inference_steps": 0}, "INVALID_ARGUMENT",
+     "num_inference_steps"),
+    ("n-zero", dict(n=0), {"n": 0}, "INVALID_ARGUMENT", "n"),
+    ("fps-zero", dict(fps=0), None, "INVALID_ARGUMENT", "fps"),
 ]
+# REST names the image size "size" (WIDTHxHEIGHT), where gRPC has width and height.
+REST_PARAM = {"width": "size", "height": "size"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404}
 
 
@@ -46,6 +58,13 @@ def test_grpc_bad_request_is_rejected_naming_the_field(mesh, fields, code, named
     assert raised.value.code().name == code
     assert named in raised.value.details()
     assert "Traceback" not in raised.value.details()
+    if code == "INVALID_ARGUMENT":
+        # The field also travels as data: a google.rpc.BadRequest field violation in the status details.
+        status = rpc_status.from_call(raised.value)
+        assert status is not None and len(status.details) == 1
+        bad_request = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(bad_request)
+        assert [v.field for v in bad_request.field_violations] == [named]
 
 
 @pytest.mark.parametrize("body,code,named", [(b, c, n) for _, _, b, c, n in BAD if b is not None],
@@ -55,7 +74,9 @@ def test_http_bad_request_is_rejected_naming_the_field(mesh, body, code, named):
     reply = httpx.post(f"{mesh.http_url}/v1/images/generations", json=payload, timeout=30)
     assert reply.status_code == HTTP_STATUS[code], reply.text
     error = reply.json()["error"]
-    assert named in error["message"] and "Traceback" not in reply.text
+    assert REST_PARAM.get(named, named) in error["message"] and "Traceback" not in reply.text
+    if code == "INVALID_ARGUMENT":
+        assert error["param"] == REST_PARAM.get(named, named)
 
 
 @pytest.mark.parametrize("body,named", [
@@ -70,9 +91,17 @@ def test_http_malformed_body_is_400_naming_the_field(mesh, body, named):
     assert reply.json()["error"]["param"] == named
 
 
-def test_http_video_bad_frames_is_400(mesh):
-    reply = httpx.post(f"{mesh.http_url}/v1/videos", json={"prompt": "a", "num_frames": 10}, timeout=30)
-    assert reply.status_code == 400 and "num_frames" in reply.json()["error"]["message"]
+@pytest.mark.parametrize("body,named", [
+    ({"num_frames": 10}, "num_frames"),
+    ({"num_frames": 0}, "num_frames"),
+    ({"size": "0x0"}, "size"),
+    ({"fps": 0}, "fps"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+])
+def test_http_video_explicit_bad_value_is_400_naming_it(mesh, body, named):
+    reply = httpx.post(f"{mesh.http_url}/v1/videos", json={"prompt": "a", **body}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == named and named in reply.json()["error"]["message"]
 
 
 def test_unknown_job_is_not_found_over_grpc(mesh):

@@ -157,7 +157,8 @@ def test_parse_size_reads_width_and_height(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "832", "832x", "x480", "axb", "832*480", "-832x480", "832x-480", "8.5x4", "1x2x3"])
+@pytest.mark.parametrize("text", ["", "832", "832x", "x480", "axb", "832*480", "-832x480", "832x-480", "8.5x4",
+                                  "1x2x3"])
 def test_parse_size_rejects_malformed_text_naming_the_field(text):
     with pytest.raises(InvalidArgument) as info:
         parse_size(text, "size")
@@ -214,4 +215,5 @@ def test_a_malformed_route_is_refused(route):
 
 def test_a_model_routed_twice_is_refused():
     with pytest.raises(ValueError, match="routed twice"):
-        _load("--route", "wan encoder=e:1 denoiser=d:2 decoder=c:3", "--route", "wan encoder=e:4 denoiser=d:5 decoder=c:6")
+        _load("--route", "wan encoder=e:1 denoiser=d:2 decoder=c:3",
+              "--route", "wan encoder=e:4 denoiser=d:5 decoder=c:6")
