@@ -53,7 +53,7 @@ class ModelDir:
         folder = self.path / component
         if component in ("scheduler", "image_processor"):   # configs only, no weights
             return cls.from_pretrained(folder)
-        if component == "tokenizer":
+        if component.startswith("tokenizer"):              # tokenizer, tokenizer_2 (FLUX's T5)
             return cls.from_pretrained(folder, local_files_only=True)
         # Both transformers >= 5 and diffusers >= 0.42 take `dtype` (torch_dtype is deprecated in both).
         model = cls.from_pretrained(folder, local_files_only=True, **({"dtype": dtype} if dtype else {}))

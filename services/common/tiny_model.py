@@ -223,10 +223,11 @@ def _variance_preserving_init(model: torch.nn.Module) -> None:
                     module.bias.zero_()
 
 
-def _build_transformer():
+def _build_transformer(**overrides):
+    """The tiny Wan2.1 transformer; ``overrides`` replace config entries (the Wan2.2 writers use them)."""
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel(
+    config = dict(
         patch_size=(1, 2, 2),
         num_attention_heads=4,  # divisible by 2 and 4, so every gang layout of up to 4 devices can shard heads
         attention_head_dim=12,
@@ -240,6 +241,7 @@ def _build_transformer():
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=1024,  # Wan2.1's own: positions for sizes up to 16384 px
     )
+    model = WanTransformer3DModel(**{**config, **overrides})
     _variance_preserving_init(model)
     with torch.no_grad():
         for block in model.blocks:
@@ -248,29 +250,31 @@ def _build_transformer():
     return model.eval()
 
 
-def _build_vae():
+def _build_vae(**overrides):
+    """The tiny Wan2.1 VAE; ``overrides`` replace config entries (the Wan2.2 VAE's, for TI2V)."""
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan(
+    config = dict(
         base_dim=3,
         z_dim=16,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
+    vae = AutoencoderKLWan(**{**config, **overrides})
     _variance_preserving_init(vae)
     return vae.eval()
 
 
-def _build_scheduler():
+def _build_scheduler(flow_shift: float = 3.0):
     from diffusers import UniPCMultistepScheduler
 
-    # The scheduler config Wan2.1-T2V ships with.
+    # The scheduler config Wan2.1-T2V ships with (the Wan2.2 writers pass their own shift).
     return UniPCMultistepScheduler(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
         num_train_timesteps=1000,
-        flow_shift=3.0,
+        flow_shift=flow_shift,
     )
 
 
@@ -306,7 +310,7 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _make_readable(root: pathlib.Path) -> None:
+def _make_readable(root: pathlib.Path, components: tuple[str, ...] = _COMPONENTS) -> None:
     """Give what save_pretrained wrote ordinary 755/644 permissions.
 
     safetensors >= 0.8 writes weights as 0600; the model cache may be shared by
@@ -314,7 +318,7 @@ def _make_readable(root: pathlib.Path) -> None:
     pipeline's own entries are touched, not unrelated files in ``root``.
     """
     (root / "model_index.json").chmod(0o644)
-    for component in _COMPONENTS:
+    for component in components:
         for dirpath, _dirnames, filenames in os.walk(root / component):
             os.chmod(dirpath, 0o755)
             for name in filenames:

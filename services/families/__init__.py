@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from services.common.models import ModelDir
 from services.families.base import Family
+from services.families.flux import FluxFamily
 from services.families.wan import WanFamily
+from services.families.wan_i2v import WanI2VFamily
 
-FAMILIES: tuple[Family, ...] = (WanFamily(),)
+FAMILIES: tuple[Family, ...] = (WanFamily(), WanI2VFamily(), FluxFamily())
 
 
 def family_for(model: ModelDir) -> Family:

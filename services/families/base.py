@@ -52,6 +52,7 @@ class Limits:
     guidance_embedding: bool = False  # guidance_scale is fed to the transformer, not used for CFG
     needs_image: bool = False
     max_sequence_length: int = 512
+    experts: int = 1                 # transformers switching during the loop (Wan2.2 A14B: 2, guidance_scale_2)
 
     @property
     def makes_video(self) -> bool:

@@ -32,6 +32,7 @@ from services.families.base import (
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512   # WanPipeline.__call__'s default
 BRANCH_KWARGS = frozenset({"hidden_states", "timestep", "encoder_hidden_states"})
+TEXT_NAMES = ("prompt_embeds", "negative_prompt_embeds")
 
 
 class WanTextEncoding(TextEncoding):
@@ -152,7 +153,7 @@ class WanDenoising(Denoising):
             raise InvalidArgument("guidance_scale_2", "this model has one transformer; guidance_scale_2 needs two")
 
     def check_conditioning(self, params: Sampling, tensors: Mapping[str, torch.Tensor]) -> None:
-        for name in self.conditioning_names:
+        for name in TEXT_NAMES:
             embeds = tensors.get(name)
             if embeds is None:
                 if name == "prompt_embeds" or params.guidance_scale > 1.0:
@@ -215,10 +216,16 @@ class WanFamily(Family):
         multiple = spatial * patch[1]
         max_side = min(MAX_SIDE, patches * patch[1] * spatial) // multiple * multiple
         max_frames = min(MAX_FRAMES, (patches * patch[0] - 1) * temporal + 1)
+        if model.index.get("expand_timesteps"):
+            # Wan2.2 TI2V-5B: 720p (1280x704, multiples of 32) at 24 fps, 121 frames, as its model card runs it
+            width, height, frames, fps = 1280, 704, 121, 24
+        else:
+            width, height, frames, fps = 832, 480, 81, 16     # Wan2.1 and Wan2.2 A14B (WanPipeline's defaults)
         return Limits(family=self.name, task="text-to-video", size_multiple=multiple, max_side=max_side,
-                      frame_multiple=temporal, max_frames=max_frames, default_width=832, default_height=480,
-                      default_frames=81, default_steps=50, default_guidance_scale=5.0, default_fps=16,
-                      max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH)
+                      frame_multiple=temporal, max_frames=max_frames, default_width=width, default_height=height,
+                      default_frames=min(frames, max_frames), default_steps=50, default_guidance_scale=5.0,
+                      default_fps=fps, max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH,
+                      experts=2 if model.index.get("boundary_ratio") is not None else 1)
 
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
         return WanTextEncoding(model, dtype, device)

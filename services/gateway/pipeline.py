@@ -92,6 +92,9 @@ class GenerationRequest:
         check_guidance(self.true_cfg_scale, "true_cfg_scale")
         if self.guidance_scale_2 is not None:
             check_guidance(self.guidance_scale_2, "guidance_scale_2")
+            if limits.experts < 2:
+                raise InvalidArgument("guidance_scale_2", f"{self.model} has one transformer; guidance_scale_2 "
+                                      "sets the second expert's scale (Wan2.2 A14B)")
         check_outputs(self.n)
         if self.format not in FORMATS:
             raise InvalidArgument("format", f"{self.format!r} is not one of {FORMATS}")

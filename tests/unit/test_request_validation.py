@@ -113,3 +113,11 @@ def test_output_pixels_over_the_gateway_limit_are_rejected_naming_size():
     dataclasses.replace(big, n=1).validate(MODELS)  # 1280x720x161 is exactly the default limit
     with pytest.raises(InvalidArgument):
         dataclasses.replace(big, n=1).validate(MODELS, max_output_pixels=1280 * 720 * 81)
+
+
+def test_guidance_scale_2_needs_a_second_expert():
+    request = dataclasses.replace(VALID, guidance_scale_2=3.0)
+    with pytest.raises(InvalidArgument) as info:
+        request.validate(MODELS)
+    assert info.value.field == "guidance_scale_2" and "one transformer" in info.value.message
+    request.validate(dataclasses.replace(MODELS, experts=2))

@@ -14,6 +14,12 @@ from collections.abc import Callable
 # name -> "module:function"; each function is (path, seed=0) -> the written directory.
 WRITERS = {
     "wan": "services.common.tiny_model:write_tiny_model",
+    "flux": "services.common.tiny.flux:write_tiny_flux",
+    "flux-schnell": "services.common.tiny.flux:write_tiny_flux_schnell",
+    "wan-i2v": "services.common.tiny.wan_i2v:write_tiny_wan_i2v",
+    "wan2.2-i2v": "services.common.tiny.wan_i2v:write_tiny_wan22_i2v",
+    "wan2.2": "services.common.tiny.wan22:write_tiny_wan22",
+    "wan2.2-ti2v": "services.common.tiny.wan22:write_tiny_wan22_ti2v",
 }
 
 
