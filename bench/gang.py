@@ -116,8 +116,10 @@ def worker(args: argparse.Namespace) -> int:
     from services.common.models import resolve_model_dir
     from services.common.platform import set_platform
     from services.denoiser.gang.distributed import Gang
-    from services.denoiser.gang.engine import GangDenoiserEngine
+    from services.denoiser.gang.engine import gang_engine
     from services.denoiser.gang.layout import GangLayout
+    from services.families.base import StepCall
+    from services.families.wan import BRANCH_KWARGS
 
     flags = LAYOUTS[args.layout]
     layout = GangLayout(**flags)
@@ -127,10 +129,12 @@ def worker(args: argparse.Namespace) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.master_port))
     gang = Gang(layout, platform, rank, local_rank)
     started = time.perf_counter()
-    engine = GangDenoiserEngine(resolve_model_dir(args.model), platform, torch.bfloat16, gang)
+    engine = gang_engine(resolve_model_dir(args.model), platform, torch.bfloat16, gang)
     load_s = time.perf_counter() - started
     device = engine.device
-    ulysses = getattr(engine.transformer, "processors", [None])[0]
+    denoising = engine.denoising                 # the Wan family's: its transformer and its shapes
+    transformer = denoising.transformer
+    ulysses = getattr(transformer, "processors", [None])[0]
     ulysses = getattr(ulysses, "ulysses", None)
     exchange = {"CollectiveExchange": "collective", "CopyEngineExchange": "copy-engine"}.get(
         type(ulysses).__name__)                  # what ran, which a fallback may make differ from what was asked
@@ -147,20 +151,24 @@ def worker(args: argparse.Namespace) -> int:
     for size in args.sizes:
         height, width = parse_size(size)
         generator = torch.Generator().manual_seed(1)
-        latents = torch.randn(1, engine.latent_channels, (args.frames - 1) // 4 + 1, height // 8, width // 8,
+        latents = torch.randn(1, denoising.latent_channels, (args.frames - 1) // 4 + 1, height // 8, width // 8,
                               generator=generator)
-        text = torch.randn(1, TEXT_TOKENS, engine.text_dim, generator=generator)
-        negative = torch.randn(1, TEXT_TOKENS, engine.text_dim, generator=generator)
+        text = torch.randn(1, TEXT_TOKENS, denoising.text_dim, generator=generator)
+        negative = torch.randn(1, TEXT_TOKENS, denoising.text_dim, generator=generator)
         latents, text, negative = (t.to(device, torch.bfloat16) for t in (latents, text, negative))
         timestep = torch.full((1,), 500.0, device=device)
         platform.empty_cache()
         platform.reset_peak_memory()
 
         def forward(latents=latents, timestep=timestep, text=text):
-            return engine.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)[0]
+            return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)[0]
 
-        def guided(latents=latents, timestep=timestep, text=text, negative=negative):
-            return engine.predict_noise(latents, timestep, text, negative, GUIDANCE)
+        # The step as the denoising loop hands it to the gang's noise predictor (Wan's WanRun.step_call).
+        cond = dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)
+        step = StepCall(transformer, cond, {**cond, "encoder_hidden_states": negative}, GUIDANCE, BRANCH_KWARGS)
+
+        def guided(step=step):
+            return engine.predict_noise(step)
 
         row = {"layout": args.layout, "devices": layout.world_size, "size": f"{args.frames}x{height}x{width}",
                "load_s": round(load_s, 1), "exchange": exchange}

@@ -30,22 +30,24 @@ def worker(args: argparse.Namespace) -> None:
     from services.common.models import resolve_model_dir
     from services.common.platform import set_platform
     from services.denoiser.gang.distributed import Gang
-    from services.denoiser.gang.engine import GangDenoiserEngine
+    from services.denoiser.gang.engine import gang_engine
     from services.denoiser.gang.layout import GangLayout
 
     layout = GangLayout(**LAYOUTS[args.layout])
     rank = int(os.environ["RANK"])
     platform = set_platform(None)
     gang = Gang(layout, platform, rank, rank)
-    engine = GangDenoiserEngine(resolve_model_dir(args.model), platform, torch.bfloat16, gang)
+    engine = gang_engine(resolve_model_dir(args.model), platform, torch.bfloat16, gang)
+    transformer = engine.denoising.transformer       # the Wan family's
     height, width = parse_size(args.size)
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 21, height // 8, width // 8, generator=generator).to(engine.device, torch.bfloat16)
-    text = torch.randn(1, TEXT_TOKENS, engine.text_dim, generator=generator).to(engine.device, torch.bfloat16)
+    text = torch.randn(1, TEXT_TOKENS, engine.denoising.text_dim, generator=generator).to(engine.device,
+                                                                                          torch.bfloat16)
     timestep = torch.full((1,), 500.0, device=engine.device)
 
     def forward():
-        return engine.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)[0]
+        return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)[0]
 
     with torch.inference_mode():
         forward()
@@ -139,7 +141,8 @@ def timeline(trace: pathlib.Path) -> dict:
     if peer_copies:
         rates = sorted(size / (end - start) / 1e3 for start, end, size in peer_copies if end > start)
         union = _length(_union([(a, b) for a, b, _ in peer_copies]))
-        copies = {"peer_copies": len(peer_copies), "peer_copy_ms": round(sum(b - a for a, b, _ in peer_copies) / 1e3, 1),
+        copies = {"peer_copies": len(peer_copies),
+                  "peer_copy_ms": round(sum(b - a for a, b, _ in peer_copies) / 1e3, 1),
                   "peer_copy_busy_ms": round(union / 1e3, 1), "median_gb_per_s": round(rates[len(rates) // 2], 1)}
     return {"span_ms": span / 1e3, "compute_ms": _length(compute) / 1e3, "idle_ms": (span - _length(busy)) / 1e3,
             **({"copies": copies} if copies else {}),

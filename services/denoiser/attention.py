@@ -8,12 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.denoiser.gang.attention import ring_attention
-from services.denoiser.gang.distributed import AxisGroup
+from services.denoiser.axes import ALONE, AxisGroup
+from services.denoiser.ring import ring_attention
 from services.denoiser.rotary import apply_rotary
-
-# One device: an axis of one rank.
-ALONE = AxisGroup(group=None, ranks=[0], index=0)
 
 
 class SequenceParallelAttention:

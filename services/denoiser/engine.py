@@ -2,9 +2,11 @@
 
 Family-free: the model's family (services/families/) builds each request's run (timesteps, first latents,
 each step's noise-prediction call); this loop drives it, checks for cancellation between steps and reports
-each step. No I/O here: the server feeds it tensors and receives a callback per step. The gang
-(services/denoiser/gang/) loads the transformers its own way and predicts noise across its ranks, running
-this same loop on every rank.
+each step. No I/O here: the server feeds it tensors and receives a callback per step.
+
+Two things are handed in rather than decided here, so that a gang (services/denoiser/gang/) runs this same loop
+on every rank: how a transformer is loaded (whole on this device by default; sharded and sequence-parallel in a
+gang) and the noise predictor that runs each step's branches (predict.py; the gang's splits them across ranks).
 """
 
 from __future__ import annotations
@@ -19,35 +21,39 @@ from services.common.limits import check_guidance, check_outputs, check_steps
 from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.denoiser.attention import install_self_attention
-from services.denoiser.predict import predict_on_one_device
+from services.denoiser.predict import NoisePredictor, predict_on_one_device
 from services.families import family_for
-from services.families.base import Sampling, StepCall
+from services.families.base import Sampling
 
 logger = logging.getLogger(__name__)
 
 # The request parameters the denoiser takes: the family-neutral set every stage shares.
 DenoiseParams = Sampling
 StepCallback = Callable[[int, int], None]      # (steps done, total steps)
+TransformerLoad = Callable[[ModelDir, str, torch.dtype], torch.nn.Module]   # (model, component, dtype) -> module
 
 
 class DenoiserEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, *, load: TransformerLoad | None = None,
+                 predict_noise: NoisePredictor = predict_on_one_device) -> None:
         self.model_name = model.name
         self.platform = platform
         self.device = device or platform.device()
         self.family = family_for(model)
         self.limits = self.family.limits(model)
+        self.predict_noise = predict_noise
+        load = load or self.load_whole
         weights_dtype = dtype or platform.default_dtype()
         self.denoising = self.family.denoising(
-            model, lambda component: self.load_transformer(model, component, weights_dtype), self.device)
+            model, lambda component: load(model, component, weights_dtype), self.device)
         logger.info("denoiser loaded %s (%s family) on %s (%s)", model.path, self.family.name, self.device,
                     self.denoising.dtype)
 
-    def load_transformer(self, model: ModelDir, component: str, dtype: torch.dtype):
+    def load_whole(self, model: ModelDir, component: str, dtype: torch.dtype) -> torch.nn.Module:
         """A whole transformer on this device; where the gang's self-attention processor serves its family, it
         runs here too (with nothing to exchange: the same kernels, so one device and a gang compute the same
-        numbers). The gang loads its sharded form instead."""
+        numbers)."""
         transformer = model.load(component, dtype=dtype, device=self.device)
         if self.family.supports_gang:
             install_self_attention(transformer)
@@ -92,7 +98,3 @@ class DenoiserEngine:
             if on_step is not None:
                 on_step(i + 1, total)
         return run.result(latents)
-
-    def predict_noise(self, call: StepCall) -> torch.Tensor:
-        """One step's noise prediction; the gang splits it across its ranks instead."""
-        return predict_on_one_device(call)

@@ -1,12 +1,17 @@
-"""Noise predictors: where a step's guidance branches run. The denoising loop hands each step's `StepCall`
-to one; this one runs the branches on this device in turn, in the pipelines' order (cond, then uncond), so
-the numbers equal diffusers'. The gang has its own (CFG-parallel, outputs split across ranks)."""
+"""Noise predictors: where a step's guidance branches run. The denoising loop hands each step's `StepCall` to one
+(`NoisePredictor`); this one runs the branches on this device in turn, in the pipelines' order (cond, then uncond),
+so the numbers equal diffusers'. The gang has its own (services/denoiser/gang/predict.py: CFG-parallel, outputs
+split across ranks)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from services.families.base import StepCall
+
+NoisePredictor = Callable[[StepCall], torch.Tensor]
 
 
 def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from diffmesh import cli
+from services.denoiser.gang.flags import add_gang_arguments, resolve_layout
 from services.denoiser.gang.layout import GangLayout
-from services.denoiser.server import add_gang_arguments, resolve_layout
 
 
 def gang_flags_of(argv: list[str]) -> list[str]:

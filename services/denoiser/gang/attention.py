@@ -1,6 +1,6 @@
-"""The gang's sequence-parallel pieces of self-attention: Ulysses' exchanges (all-to-all over heads) and Ring
-(K/V passed around the ring, blocks merged by log-sum-exp), used alone or combined by the self-attention
-processor in services/denoiser/attention.py.
+"""The gang's pieces of sequence-parallel self-attention: Ulysses' exchanges (all-to-all over heads) and the
+attention kernels that also return the log-sum-exp Ring needs (Ring itself, which the one-device processor also
+carries, is services/denoiser/ring.py), used by the self-attention processor in services/denoiser/attention.py.
 
 Each rank holds a contiguous slice of the (padded) token sequence. Ulysses trades that for the whole of
 its ring block on a subset of heads; Ring then walks the other blocks of the sequence. Padding sits at
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from services.denoiser.gang.distributed import AxisGroup
+from services.denoiser.axes import AxisGroup
 
 # Attention kernels that also return the log-sum-exp of each query's scores, which Ring needs to merge
 # blocks. Each is a PyTorch SDPA backend; the platform layer names the one its device has.
@@ -117,43 +117,3 @@ class CollectiveExchange:
 
     def output_read(self) -> None:
         pass
-
-
-# Ring ----------------------------------------------------------------------------------------------------
-
-
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: AxisGroup, valid_keys: list[int],
-                   kernel) -> torch.Tensor:
-    """Attention of this rank's queries over every ring block's keys. q, k, v: [B, h, n, d]; block r holds
-    `valid_keys[r]` real keys (the rest is padding). The next block's K/V travel while this one computes."""
-    degree, index = ring.size, ring.index
-    kv = torch.stack((k, v)).contiguous()
-    out = lse = None
-    for step in range(degree):
-        pending, incoming = [], None
-        if step < degree - 1:
-            incoming = torch.empty_like(kv)
-            pending = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, kv, ring.ranks[(index + 1) % degree], ring.group),
-                dist.P2POp(dist.irecv, incoming, ring.ranks[(index - 1) % degree], ring.group),
-            ])
-        source = (index - step) % degree
-        keys = valid_keys[source]
-        if keys > 0:
-            block_out, block_lse = kernel(q, kv[0, :, :, :keys], kv[1, :, :, :keys])
-            out, lse = _merge(out, lse, block_out, block_lse)
-        for request in pending:
-            request.wait()
-        if incoming is not None:
-            kv = incoming
-    return out.to(q.dtype)
-
-
-def _merge(out, lse, block_out, block_lse):
-    """Combine two partial softmax-attention results by their log-sum-exps (in float32)."""
-    block_out, block_lse = block_out.float(), block_lse.float()
-    if out is None:
-        return block_out, block_lse
-    merged_lse = torch.logaddexp(lse, block_lse)
-    out = out * torch.exp(lse - merged_lse).unsqueeze(-1) + block_out * torch.exp(block_lse - merged_lse).unsqueeze(-1)
-    return out, merged_lse

@@ -28,7 +28,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from services.denoiser.gang.distributed import AxisGroup
+from services.denoiser.axes import AxisGroup
 
 logger = logging.getLogger(__name__)
 

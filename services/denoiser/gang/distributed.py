@@ -8,7 +8,6 @@ Kubernetes controller did, so a gang can span machines. The tensor backend comes
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from services.common.platform import Platform
+from services.denoiser.axes import AxisGroup
 from services.denoiser.gang.layout import Coordinates, GangLayout
 
 logger = logging.getLogger(__name__)
@@ -42,19 +42,6 @@ def env_rank() -> tuple[int, int, int] | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     return rank, world, local_rank
-
-
-@dataclasses.dataclass
-class AxisGroup:
-    """One parallel axis as seen from this rank: its process group, its members and where we sit."""
-
-    group: dist.ProcessGroup | None
-    ranks: list[int]
-    index: int
-
-    @property
-    def size(self) -> int:
-        return len(self.ranks)
 
 
 class Gang:

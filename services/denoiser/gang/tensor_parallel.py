@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from services.denoiser.gang.distributed import AxisGroup
+from services.denoiser.axes import AxisGroup
 
 logger = logging.getLogger(__name__)
 

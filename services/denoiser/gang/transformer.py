@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from services.denoiser.attention import install_self_attention
-from services.denoiser.gang.distributed import AxisGroup, Gang
+from services.denoiser.axes import AxisGroup
+from services.denoiser.gang.distributed import Gang
 from services.denoiser.gang.exchange import ulysses_exchange
 
 
