@@ -20,7 +20,6 @@ from services.common.errors import Cancelled
 from services.common.limits import check_guidance, check_outputs, check_steps
 from services.common.models import ModelDir
 from services.common.platform import Platform
-from services.denoiser.attention import install_self_attention
 from services.denoiser.predict import NoisePredictor, predict_on_one_device
 from services.families import family_for
 from services.families.base import Sampling
@@ -55,8 +54,9 @@ class DenoiserEngine:
         runs here too (with nothing to exchange: the same kernels, so one device and a gang compute the same
         numbers)."""
         transformer = model.load(component, dtype=dtype, device=self.device)
-        if self.family.supports_gang:
-            install_self_attention(transformer)
+        plan = self.family.parallel_plan(model)
+        if plan is not None and plan.one_device is not None:
+            plan.one_device(transformer)
         return transformer
 
     @property

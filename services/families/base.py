@@ -50,13 +50,19 @@ class Limits:
     default_fps: int = 16
     true_cfg: bool = False           # a negative prompt with true_cfg_scale > 1 runs a second branch
     guidance_embedding: bool = False  # guidance_scale is fed to the transformer, not used for CFG
-    needs_image: bool = False
+    needs_image: bool = False        # a request must carry a conditioning image
+    accepts_image: bool = False      # a request may carry one (needs_image implies it; Wan2.2 TI2V-5B: optional)
     max_sequence_length: int = 512
     experts: int = 1                 # transformers switching during the loop (Wan2.2 A14B: 2, guidance_scale_2)
 
     @property
     def makes_video(self) -> bool:
         return self.frame_multiple > 0
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether a conditioning image is welcome: refused only where the model neither needs nor accepts one."""
+        return self.needs_image or self.accepts_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +91,12 @@ class StepCall:
     uncond: dict[str, Any] | None        # None: no guidance branch
     scale: float
     batched: frozenset[str]              # kwargs whose first dimension is the batch (the outputs)
+
+    @property
+    def batch_size(self) -> int:
+        """How many outputs this step predicts (the first dimension of the batched kwargs)."""
+        return next(value.shape[0] for name, value in self.cond.items()
+                    if name in self.batched and isinstance(value, torch.Tensor))
 
 
 class DenoiseRun(abc.ABC):
@@ -160,23 +172,41 @@ class Decoding(abc.ABC):
         """Latents as they travel -> frames float32 [n, F, H, W, 3] in 0..1, on the device."""
 
     def encode_condition(self, image: Image.Image, width: int, height: int, num_frames: int) -> dict[str, torch.Tensor]:
-        """The conditioning image through the VAE's encoder, float32 on the CPU (image-to-video families)."""
+        """The conditioning image through the VAE's encoder, float32 on the CPU (models that take an image)."""
         raise InvalidArgument("image", "this model takes no conditioning image")
 
 
 TransformerLoader = Callable[[str], torch.nn.Module]   # component name -> the loaded (maybe sharded) module
 
 
+@dataclasses.dataclass(frozen=True)
+class ParallelPlan:
+    """How the denoiser gang splits one model's transformer, declared by its family (in the spirit of diffusers'
+    `_cp_plan`), so services/denoiser/gang/ holds no family's names or forwards. The gang checks the layout
+    against `heads` and `tp_widths` at start-up (naming the model's numbers), loads each transformer with
+    `tensor_parallel` when tp > 1, and wraps it with `sequence_parallel`."""
+
+    heads: int                                   # attention heads: ulysses x tp must divide them
+    tp_widths: Mapping[str, int]                 # other widths TP splits, by config name (e.g. {"ffn_dim": 8960})
+    # (transformer, gang, lse_kernel) -> a callable like the transformer that splits and gathers the tokens
+    sequence_parallel: Callable[..., Callable[..., Any]]
+    # (model_class, folder, tp axis, dtype, device) -> the transformer with its layers sharded; None: TP refused
+    tensor_parallel: Callable[..., torch.nn.Module] | None = None
+    # (transformer) -> None: what one device installs so it runs the gang's kernels (equal numbers, fair timings)
+    one_device: Callable[[torch.nn.Module], None] | None = None
+
+
 class Family(abc.ABC):
     name: str                            # "wan", "flux": what `diffmesh tiny-model --family` takes
     pipeline_classes: tuple[str, ...]    # model_index.json's _class_name values this family serves
-    # Whether the denoiser gang (services/denoiser/gang/) can split this family's transformer; a gang refuses
-    # the others at start-up.
-    supports_gang: bool = False
 
     @abc.abstractmethod
     def limits(self, model: ModelDir) -> Limits:
         """From the configs alone (the gateway's limits must not need weights)."""
+
+    def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
+        """How a gang splits this model's transformer (from its configs); None: the gang refuses it at start-up."""
+        return None
 
     def negative_needed(self, limits: Limits, guidance_scale: float, true_cfg_scale: float,
                         negative_prompt: str) -> bool:

@@ -233,7 +233,6 @@ class FluxDecoding(Decoding):
 class FluxFamily(Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
-    supports_gang = False        # the gang's FLUX sharding is later work
 
     def limits(self, model: ModelDir) -> Limits:
         transformer = model.config("transformer")

@@ -1,6 +1,10 @@
 """Wan text-to-video: Wan2.1 (`WanPipeline`), Wan2.2 A14B (two experts switching at `boundary_ratio`) and
 Wan2.2 TI2V-5B (`expand_timesteps`: one timestep per token; the Wan2.2 VAE, 48 latent channels).
 
+A TI2V-5B directory (saved as a `WanPipeline`, as it ships) also takes an optional conditioning image: with
+one, the request runs the image-to-video path of services/families/wan_i2v.py, as diffusers runs that directory
+loaded into `WanImageToVideoPipeline`; without one it stays text-to-video.
+
 Each part mirrors `WanPipeline.__call__` exactly (encode_prompt, timesteps, prepare_latents, the loop, the
 decode after it), so for the same directory, seed and sizes the mesh returns the latents and frames diffusers
 returns.
@@ -24,6 +28,7 @@ from services.families.base import (
     Denoising,
     Family,
     Limits,
+    ParallelPlan,
     Sampling,
     StepCall,
     TextEncoding,
@@ -206,7 +211,6 @@ class WanDecoding(Decoding):
 class WanFamily(Family):
     name = "wan"
     pipeline_classes = ("WanPipeline",)
-    supports_gang = True
 
     def limits(self, model: ModelDir) -> Limits:
         transformer, vae = model.config("transformer"), model.config("vae")
@@ -225,13 +229,43 @@ class WanFamily(Family):
                       frame_multiple=temporal, max_frames=max_frames, default_width=width, default_height=height,
                       default_frames=min(frames, max_frames), default_steps=50, default_guidance_scale=5.0,
                       default_fps=fps, max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH,
-                      experts=2 if model.index.get("boundary_ratio") is not None else 1)
+                      experts=2 if model.index.get("boundary_ratio") is not None else 1,
+                      accepts_image=takes_optional_image(model))
+
+    def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
+        if model.index.get("expand_timesteps"):
+            return None      # TI2V's per-token timesteps are not split by the gang's Wan forward yet
+        # The gang's Wan forward and TP plan (imported here: only a gang's ranks need them).
+        from services.denoiser.attention import install_self_attention
+        from services.denoiser.gang.tensor_parallel import load_sharded_transformer
+        from services.denoiser.gang.transformer import ParallelTransformer
+
+        config = model.config("transformer")
+        return ParallelPlan(heads=int(config["num_attention_heads"]), tp_widths={"ffn_dim": int(config["ffn_dim"])},
+                            sequence_parallel=ParallelTransformer, tensor_parallel=load_sharded_transformer,
+                            one_device=install_self_attention)
 
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
         return WanTextEncoding(model, dtype, device)
 
+    # With an optional image (TI2V-5B), the image-to-video parts: imported here, since wan_i2v builds on this
+    # module.
     def denoising(self, model: ModelDir, load_transformer: TransformerLoader, device: torch.device) -> Denoising:
+        if takes_optional_image(model):
+            from services.families.wan_i2v import WanTI2VDenoising
+
+            return WanTI2VDenoising(model, load_transformer, device)
         return WanDenoising(model, load_transformer, device)
 
     def decoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> Decoding:
+        if takes_optional_image(model):
+            from services.families.wan_i2v import WanI2VDecoding
+
+            return WanI2VDecoding(model, dtype, device)
         return WanDecoding(model, dtype, device)
+
+
+def takes_optional_image(model: ModelDir) -> bool:
+    """A WanPipeline directory with expand_timesteps (TI2V-5B): diffusers runs it as text-to-video
+    (`WanPipeline`) and as image-to-video (`WanImageToVideoPipeline` loading the same directory)."""
+    return model.pipeline_class_name in WanFamily.pipeline_classes and bool(model.index.get("expand_timesteps"))

@@ -1,6 +1,7 @@
 """Wan image-to-video (`WanImageToVideoPipeline`): Wan2.1 I2V (CLIP vision image embeddings fed to the image
 cross-attention), Wan2.2 I2V A14B (two experts, no image encoder) and Wan2.2 TI2V-5B's image path
-(`expand_timesteps`: the first latent frame is the image's, with timestep 0).
+(`expand_timesteps`: the first latent frame is the image's, with timestep 0), in a directory of that pipeline
+or in TI2V-5B's own `WanPipeline` directory, where the image is optional (`WanTI2VDenoising`).
 
 The conditioning image reaches three stages: the encoder runs CLIP vision on it ("image_embeds", where the
 model has an image encoder), the decoder, which holds the VAE, encodes it as the first frame of the video
@@ -26,6 +27,7 @@ from services.families.base import (
     Denoising,
     ImageEncoding,
     Limits,
+    ParallelPlan,
     Sampling,
     StepCall,
     TextEncoding,
@@ -33,6 +35,7 @@ from services.families.base import (
 )
 from services.families.wan import (
     BRANCH_KWARGS,
+    TEXT_NAMES,
     WanDecoding,
     WanDenoising,
     WanFamily,
@@ -139,6 +142,24 @@ class WanI2VDenoising(WanDenoising):
         return WanI2VRun(self, params, tensors, device)
 
 
+class WanTI2VDenoising(WanI2VDenoising):
+    """Wan2.2 TI2V-5B's `WanPipeline` directory: text-to-video as `WanPipeline` runs it; when condition_latents
+    arrive (the request carried an image) image-to-video, as `WanImageToVideoPipeline` runs the same directory."""
+
+    conditioning_names = (*TEXT_NAMES, CONDITION)
+
+    def check_conditioning(self, params: Sampling, tensors: Mapping[str, torch.Tensor]) -> None:
+        if CONDITION in tensors:
+            super().check_conditioning(params, tensors)
+        else:
+            WanDenoising.check_conditioning(self, params, tensors)
+
+    def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
+        if CONDITION in tensors:
+            return WanI2VRun(self, params, tensors, device)
+        return WanRun(self, params, tensors, device)
+
+
 class WanI2VDecoding(WanDecoding):
     def __init__(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(model, dtype, device)
@@ -159,10 +180,12 @@ class WanI2VDecoding(WanDecoding):
 class WanI2VFamily(WanFamily):
     name = "wan-i2v"
     pipeline_classes = ("WanImageToVideoPipeline",)
-    supports_gang = False    # the gang's Wan forward does not carry the image cross-attention yet
+    def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
+        return None          # the gang's Wan forward does not carry the image cross-attention yet
 
     def limits(self, model: ModelDir) -> Limits:
-        return dataclasses.replace(super().limits(model), family=self.name, task="image-to-video", needs_image=True)
+        return dataclasses.replace(super().limits(model), family=self.name, task="image-to-video", needs_image=True,
+                                   accepts_image=True)
 
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
         return WanTextEncoding(model, dtype, device)

@@ -29,13 +29,13 @@ def test_impossible_flag_combinations_are_refused_with_the_reason(devices, kwarg
 
 
 def test_model_check_names_the_heads_and_the_degrees():
-    GangLayout(ulysses=4).check_model(num_heads=12, ffn_dim=8960)          # Wan2.1-1.3B: 12 heads
-    GangLayout(ulysses=2, tp=2).check_model(num_heads=12, ffn_dim=8960)
+    GangLayout(ulysses=4).check_model(num_heads=12, tp_widths={"ffn_dim": 8960})     # Wan2.1-1.3B: 12 heads
+    GangLayout(ulysses=2, tp=2).check_model(num_heads=12, tp_widths={"ffn_dim": 8960})
     with pytest.raises(LayoutError) as raised:
-        GangLayout(ulysses=8).check_model(num_heads=12, ffn_dim=8960)
+        GangLayout(ulysses=8).check_model(num_heads=12, tp_widths={"ffn_dim": 8960})
     assert "12 attention heads" in str(raised.value) and "ulysses 8" in str(raised.value)
-    with pytest.raises(LayoutError, match="feed-forward width 30"):
-        GangLayout(tp=4).check_model(num_heads=12, ffn_dim=30)
+    with pytest.raises(LayoutError, match="ffn_dim 30 is not divisible by tp 4"):
+        GangLayout(tp=4).check_model(num_heads=12, tp_widths={"ffn_dim": 30})
 
 
 @pytest.mark.parametrize("layout", [GangLayout(ulysses=4), GangLayout(cfg=2, ring=2, ulysses=2),

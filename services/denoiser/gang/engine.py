@@ -14,34 +14,39 @@ from services.denoiser.gang.attention import LSE_KERNELS
 from services.denoiser.gang.distributed import Gang
 from services.denoiser.gang.layout import GangLayout, LayoutError
 from services.denoiser.gang.predict import GangNoisePredictor
-from services.denoiser.gang.tensor_parallel import load_sharded_transformer
-from services.denoiser.gang.transformer import ParallelTransformer
 from services.families import family_for
+from services.families.base import ParallelPlan
 
 
 def gang_engine(model: ModelDir, platform: Platform, dtype: torch.dtype | None, gang: Gang) -> DenoiserEngine:
     """This rank's engine. Fails with LayoutError, before loading anything, for a model the layout cannot split."""
-    check_gang_model(model, gang.layout)
+    plan = check_gang_model(model, gang.layout)
     tp = gang.axis("tp")
     lse_kernel = LSE_KERNELS[platform.lse_attention]
 
-    def load(model: ModelDir, component: str, dtype: torch.dtype) -> ParallelTransformer:
+    def load(model: ModelDir, component: str, dtype: torch.dtype):
         if tp.size > 1:
-            whole = load_sharded_transformer(model.component_class(component), model.path / component, tp, dtype,
-                                             gang.device)
+            whole = plan.tensor_parallel(model.component_class(component), model.path / component, tp, dtype,
+                                         gang.device)
         else:
             whole = model.load(component, dtype=dtype, device=gang.device)
-        return ParallelTransformer(whole, gang, lse_kernel)
+        return plan.sequence_parallel(whole, gang, lse_kernel)
 
     return DenoiserEngine(model, platform, dtype, device=gang.device, load=load,
                           predict_noise=GangNoisePredictor(gang.axis("cfg")))
 
 
-def check_gang_model(model: ModelDir, layout: GangLayout) -> None:
-    """The model's family must be one the gang splits, and its heads and FFN must divide as the layout says."""
+def check_gang_model(model: ModelDir, layout: GangLayout) -> ParallelPlan:
+    """The model's family must declare how the gang splits it, and its numbers must divide as the layout says."""
     family = family_for(model)
-    if not family.supports_gang:
-        raise LayoutError(f"{model.name}: the denoiser gang does not split {family.name} models yet; "
-                          "serve this model on one device (--devices 1)")
-    config = model.config("transformer")
-    layout.check_model(int(config["num_attention_heads"]), int(config["ffn_dim"]))
+    plan = family.parallel_plan(model)
+    if plan is None:
+        raise LayoutError(f"{model.name}: the denoiser gang does not split this {family.name} model yet; "
+                          "serve it on one device (--devices 1)")
+    if layout.tp > 1 and plan.tensor_parallel is None:
+        raise LayoutError(f"{model.name}: the {family.name} family has no tensor-parallel plan; use --tp 1")
+    try:
+        layout.check_model(plan.heads, dict(plan.tp_widths))
+    except LayoutError as error:
+        raise LayoutError(f"{model.name}: {error}") from None
+    return plan

@@ -61,8 +61,9 @@ class GangLayout:
     def describe(self) -> str:
         return f"cfg {self.cfg} × ring {self.ring} × ulysses {self.ulysses} × tp {self.tp}"
 
-    def check_model(self, num_heads: int, ffn_dim: int) -> None:
-        """Fail at start-up, not mid-request, when the model cannot be split this way."""
+    def check_model(self, num_heads: int, tp_widths: dict[str, int]) -> None:
+        """Fail at start-up, not mid-request, when the model cannot be split this way. `tp_widths`: the other
+        widths tensor parallelism splits, by their config names (a family's ParallelPlan)."""
         if self.cfg not in (1, 2):
             raise LayoutError(f"cfg degree must be 1 or 2 (conditional and unconditional), got {self.cfg}")
         head_split = self.ulysses * self.tp
@@ -71,8 +72,9 @@ class GangLayout:
                 f"the model has {num_heads} attention heads, not divisible by ulysses {self.ulysses} × tp {self.tp}"
                 f" = {head_split}; choose degrees whose product divides {num_heads}"
             )
-        if ffn_dim % self.tp:
-            raise LayoutError(f"the model's feed-forward width {ffn_dim} is not divisible by tp {self.tp}")
+        for name, width in tp_widths.items():
+            if width % self.tp:
+                raise LayoutError(f"the model's {name} {width} is not divisible by tp {self.tp}")
 
     def coordinates(self, rank: int) -> Coordinates:
         if not 0 <= rank < self.world_size:
