@@ -55,7 +55,7 @@ class MediaChunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class ModelLimits(_message.Message):
-    __slots__ = ("family", "task", "size_multiple", "max_side", "frame_multiple", "max_frames", "default_width", "default_height", "default_frames", "default_steps", "default_guidance_scale", "default_fps", "true_cfg", "guidance_embedding", "needs_image", "max_sequence_length", "experts")
+    __slots__ = ("family", "task", "size_multiple", "max_side", "frame_multiple", "max_frames", "default_width", "default_height", "default_frames", "default_steps", "default_guidance_scale", "default_fps", "true_cfg", "guidance_embedding", "needs_image", "max_sequence_length", "experts", "accepts_image")
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class ModelLimits(_message.Message):
     NEEDS_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_IMAGE_FIELD_NUMBER: _ClassVar[int]
     family: str
     task: str
     size_multiple: int
@@ -90,4 +91,5 @@ class ModelLimits(_message.Message):
     needs_image: bool
     max_sequence_length: int
     experts: int
-    def __init__(self, family: _Optional[str] = ..., task: _Optional[str] = ..., size_multiple: _Optional[int] = ..., max_side: _Optional[int] = ..., frame_multiple: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_frames: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_fps: _Optional[int] = ..., true_cfg: _Optional[bool] = ..., guidance_embedding: _Optional[bool] = ..., needs_image: _Optional[bool] = ..., max_sequence_length: _Optional[int] = ..., experts: _Optional[int] = ...) -> None: ...
+    accepts_image: bool
+    def __init__(self, family: _Optional[str] = ..., task: _Optional[str] = ..., size_multiple: _Optional[int] = ..., max_side: _Optional[int] = ..., frame_multiple: _Optional[int] = ..., max_frames: _Optional[int] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_frames: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_fps: _Optional[int] = ..., true_cfg: _Optional[bool] = ..., guidance_embedding: _Optional[bool] = ..., needs_image: _Optional[bool] = ..., max_sequence_length: _Optional[int] = ..., experts: _Optional[int] = ..., accepts_image: _Optional[bool] = ...) -> None: ...

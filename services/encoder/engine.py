@@ -50,7 +50,7 @@ class EncoderEngine:
         length = self.sequence_length(params)
         if not 1 <= length <= MAX_SEQUENCE_LENGTH:
             raise InvalidArgument("max_sequence_length", f"{length} is outside 1..{MAX_SEQUENCE_LENGTH}")
-        if params.image and not self.limits.needs_image:
+        if params.image and not self.limits.takes_image:
             raise InvalidArgument("image", f"{self.model_name} ({self.limits.task}) takes no conditioning image")
         if self.limits.needs_image and not params.image:
             raise InvalidArgument("image", f"{self.model_name} ({self.limits.task}) needs a conditioning image")

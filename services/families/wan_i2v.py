@@ -180,6 +180,7 @@ class WanI2VDecoding(WanDecoding):
 class WanI2VFamily(WanFamily):
     name = "wan-i2v"
     pipeline_classes = ("WanImageToVideoPipeline",)
+
     def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
         return None          # the gang's Wan forward does not carry the image cross-attention yet
 

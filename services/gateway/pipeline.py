@@ -112,7 +112,7 @@ class GenerationRequest:
             raise InvalidArgument("seed", f"{self.seed} does not fit in a signed 64-bit integer")
         if limits.needs_image and not self.image:
             raise InvalidArgument("image", f"{self.model} ({limits.task}) needs a conditioning image")
-        if self.image and not limits.needs_image:
+        if self.image and not limits.takes_image:
             raise InvalidArgument("image", f"{self.model} ({limits.task}) takes no conditioning image")
         if self.image:
             check_image(self.image, "image")

@@ -1,10 +1,12 @@
-"""Wan2.2 text-to-video through the mesh returns what diffusers' own WanPipeline returns.
+"""Wan2.2 through the mesh returns what diffusers' own WanPipeline and WanImageToVideoPipeline return.
 
-One mesh (real `diffmesh up` processes) serves two tiny Wan2.2 directories: an A14B-style one (`transformer`
+One mesh (real `diffmesh up` processes) serves three tiny Wan2.2 directories: an A14B-style one (`transformer`
 for high noise, `transformer_2` for low noise, switching at `boundary_ratio`; `guidance_scale_2` for the
-low-noise expert) and a TI2V-5B-style one used as text-to-video (`expand_timesteps`: one timestep per token;
-the Wan2.2 VAE: 48 latent channels, 16x spatial). The request's `model` picks one. Same directory, prompt,
-seed, size, frames and steps: latents and frames equal WanPipeline's (CPU float32, max abs <= 1e-5).
+low-noise expert), a TI2V-5B-style `WanPipeline` one (`expand_timesteps`: one timestep per token; the Wan2.2
+VAE: 48 latent channels, 16x spatial), and TI2V-5B saved as a `WanImageToVideoPipeline`. The request's `model`
+picks one. Same directory, prompt, seed, size, frames and steps: latents and frames equal WanPipeline's (CPU
+float32, max abs <= 1e-5); with a conditioning image, on either TI2V directory, WanImageToVideoPipeline's
+(loading the same directory), as diffusers runs TI2V-5B's image-to-video.
 
 Directories the project did not write (other configs, sharded weights, another scheduler, an older
 model_index.json) are checked at the engine level.
@@ -12,6 +14,7 @@ model_index.json) are checked at the engine level.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pathlib
@@ -26,18 +29,27 @@ from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
+from PIL import Image
 
 from diffmesh.client import GatewayClient
 from diffmesh.v1 import gateway_pb2
-from services.common.tiny.wan22 import BOUNDARY_RATIO, write_tiny_wan22, write_tiny_wan22_ti2v
+from services.common.images import encode_png
+from services.common.tiny.wan22 import (
+    BOUNDARY_RATIO,
+    write_tiny_wan22,
+    write_tiny_wan22_ti2v,
+    write_tiny_wan22_ti2v_i2v,
+)
 from tests.integration.conftest import start_mesh, stop_mesh
 
 TOLERANCE = 1e-5
 PROMPT, NEGATIVE, SEED = "a red fox running through snow", "blurry, low quality", 1234
 A14B, TI2V = "wan2.2-a14b-tiny", "wan2.2-ti2v-tiny"     # the directory names: the mesh's model ids
+TI2V_I2V = "wan2.2-ti2v-i2v-tiny"                        # TI2V-5B saved as a WanImageToVideoPipeline
 
 CASES = [
     # 4 steps at flow_shift 3: timesteps 999, 900 (transformer) | 750, 500 (transformer_2, guidance_scale_2)
@@ -59,23 +71,30 @@ CASES = [
 @pytest.fixture(scope="module")
 def wan22_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
     root = tmp_path_factory.mktemp("wan22")
-    return {A14B: write_tiny_wan22(root / A14B), TI2V: write_tiny_wan22_ti2v(root / TI2V)}
+    # Another seed for the WanImageToVideoPipeline directory: other weights, so each equality is its directory's.
+    return {A14B: write_tiny_wan22(root / A14B), TI2V: write_tiny_wan22_ti2v(root / TI2V),
+            TI2V_I2V: write_tiny_wan22_ti2v_i2v(root / TI2V_I2V, seed=1)}
 
 
 @pytest.fixture(scope="module")
 def wan22_mesh(wan22_dirs):
-    running = start_mesh(wan22_dirs[A14B], extra=["--model", str(wan22_dirs[TI2V])])
+    running = start_mesh(wan22_dirs[A14B], extra=["--model", str(wan22_dirs[TI2V]),
+                                                  "--model", str(wan22_dirs[TI2V_I2V])])
     yield running
     code = stop_mesh(running)
     assert code == 0, "diffmesh up did not stop cleanly:\n" + "".join(running.log[-30:])
 
 
-@pytest.fixture(scope="module")
-def pipelines(wan22_dirs) -> dict[str, WanPipeline]:
-    pipes = {name: WanPipeline.from_pretrained(path) for name, path in wan22_dirs.items()}
+def load_pipelines(pipeline_class, dirs: dict[str, pathlib.Path], names: tuple[str, ...]) -> dict:
+    pipes = {name: pipeline_class.from_pretrained(dirs[name]) for name in names}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     return pipes
+
+
+@pytest.fixture(scope="module")
+def pipelines(wan22_dirs) -> dict[str, WanPipeline]:
+    return load_pipelines(WanPipeline, wan22_dirs, (A14B, TI2V))
 
 
 def reference(pipe: WanPipeline, case: dict, output_type: str, **overrides):
@@ -94,6 +113,11 @@ def test_the_tiny_directories_are_wan22_shaped(wan22_dirs, pipelines):
     assert ti2v.config.expand_timesteps and ti2v.config.boundary_ratio is None and ti2v.transformer_2 is None
     assert ti2v.vae.config.z_dim == ti2v.transformer.config.in_channels == 48
     assert ti2v.vae.config.scale_factor_spatial == 16 and ti2v.vae.config.is_residual
+    i2v = WanImageToVideoPipeline.from_pretrained(wan22_dirs[TI2V_I2V])
+    assert json.loads((wan22_dirs[TI2V_I2V] / "model_index.json").read_text())["_class_name"] == \
+        "WanImageToVideoPipeline"
+    assert i2v.config.expand_timesteps and i2v.image_encoder is None and i2v.transformer.config.image_dim is None
+    assert i2v.vae.config.z_dim == i2v.transformer.config.in_channels == i2v.transformer.config.out_channels == 48
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -135,7 +159,7 @@ def test_mesh_latents_and_frames_equal_wan_pipeline(wan22_mesh, pipelines, case)
 def test_both_models_are_listed_with_their_limits(wan22_mesh):
     stub = wan22_mesh.gateway_stub()
     models = {m.id: m.limits for m in stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models}
-    assert set(models) == {A14B, TI2V}
+    assert set(models) == {A14B, TI2V, TI2V_I2V}
     assert models[A14B].size_multiple == 16 and models[TI2V].size_multiple == 32
     assert models[TI2V].default_width % 32 == 0 and models[TI2V].default_height % 32 == 0
     assert models[TI2V].default_fps == 24 and models[A14B].default_fps == 16
@@ -165,6 +189,114 @@ def test_rest_videos_carries_guidance_scale_2(wan22_mesh):
         rest_mp4 = http.get(f"/v1/videos/{video_id}/content").content
     assert rest_mp4 == grpc_mp4(guidance_scale_2=2.0)
     assert rest_mp4 != grpc_mp4()
+
+
+# Image-to-video on TI2V-5B (`expand_timesteps`): the image's VAE latent is the first latent frame, whose tokens
+# get timestep 0. diffusers runs it with WanImageToVideoPipeline, on a directory of that pipeline or on the
+# WanPipeline directory TI2V-5B ships as; the mesh takes the image on either (optional on the WanPipeline one).
+
+def picture(seed: int = 0, width: int = 56, height: int = 40) -> bytes:
+    """A PNG of another size and aspect than the videos', so the pipeline's resize is part of what is compared."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return encode_png(Image.fromarray(pixels))
+
+
+@pytest.fixture(scope="module")
+def i2v_pipelines(wan22_dirs) -> dict[str, WanImageToVideoPipeline]:
+    """The reference for both TI2V directories: WanImageToVideoPipeline.from_pretrained(the directory)."""
+    return load_pipelines(WanImageToVideoPipeline, wan22_dirs, (TI2V_I2V, TI2V))
+
+
+I2V_CASES = [   # n=1: diffusers' I2V repeats image embeds by prompt count only
+    pytest.param(TI2V_I2V, dict(width=64, height=32, num_frames=9, steps=3, guidance_scale=5.0),
+                 id="wan-image-to-video-pipeline-directory-guided"),
+    pytest.param(TI2V, dict(width=32, height=64, num_frames=5, steps=3, guidance_scale=5.0),
+                 id="wan-pipeline-directory-guided"),
+    pytest.param(TI2V, dict(width=64, height=32, num_frames=9, steps=2, guidance_scale=1.0),
+                 id="wan-pipeline-directory-unguided"),
+]
+
+
+@pytest.mark.parametrize("model,case", I2V_CASES)
+def test_mesh_with_an_image_equals_wan_image_to_video_pipeline(wan22_mesh, i2v_pipelines, model, case):
+    image, size = picture(), dict(width=case["width"], height=case["height"], num_frames=case["num_frames"])
+    request = gateway_pb2.GenerateRequest(
+        model=model, prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, image=image,
+        num_inference_steps=case["steps"], guidance_scale=case["guidance_scale"], return_latents=True,
+        return_frames=True, **size)
+    result = GatewayClient(wan22_mesh.grpc_address).generate(request, timeout=300)
+
+    def reference_i2v(output_type: str):
+        return i2v_pipelines[model](
+            image=Image.open(io.BytesIO(image)), prompt=PROMPT, negative_prompt=NEGATIVE,
+            num_inference_steps=case["steps"], guidance_scale=case["guidance_scale"], **size,
+            generator=torch.Generator().manual_seed(SEED), output_type=output_type).frames
+
+    ref_latents, ref_frames = reference_i2v("latent"), reference_i2v("np")
+    latents, frames = result.tensors["latents"], result.tensors["frames"].numpy()
+    assert latents.shape == ref_latents.shape and latents.shape[1] == 48
+    assert frames.shape == ref_frames.shape == (1, case["num_frames"], case["height"], case["width"], 3)
+    assert (latents - ref_latents).abs().max().item() <= TOLERANCE
+    assert np.abs(frames - ref_frames).max() <= TOLERANCE
+    assert ref_frames.std() > 0.05            # the frames carry signal, so their equality means something
+
+
+def test_the_image_is_the_first_latent_frame_and_conditions_the_rest(wan22_mesh):
+    """Not vacuous: another image gives another first latent frame and other later frames (denoised attending to
+    the image's tokens at timestep 0), and no image (text-to-video) gives other latents again."""
+    client = GatewayClient(wan22_mesh.grpc_address)
+    base = dict(model=TI2V, prompt=PROMPT, seed=SEED, width=64, height=32, num_frames=9, num_inference_steps=2,
+                guidance_scale=1.0, return_latents=True)
+    first, other, none = (client.generate(gateway_pb2.GenerateRequest(image=image, **base), timeout=300)
+                          .tensors["latents"] for image in (picture(seed=1), picture(seed=2), b""))
+    assert (first[:, :, 0] - other[:, :, 0]).abs().max().item() > 1e-3
+    assert (first[:, :, 1:] - other[:, :, 1:]).abs().max().item() > 1e-3
+    assert (first - none).abs().max().item() > 1e-3
+
+
+def test_the_image_tokens_get_timestep_zero_and_that_changes_the_prediction(wan22_dirs):
+    """In-process, one step of the WanPipeline TI2V directory's run with condition_latents: the first latent
+    frame is the condition and its tokens' timestep is 0, the others' t; at t for every token the transformer
+    predicts otherwise, so the equality with diffusers above depends on the timestep-0 path."""
+    from services.common.models import resolve_model_dir
+    from services.common.platform import set_platform
+    from services.denoiser.engine import DenoiserEngine
+    from services.families.base import Sampling
+
+    engine = DenoiserEngine(resolve_model_dir(wan22_dirs[TI2V]), set_platform("cpu"))
+    assert "condition_latents" in engine.conditioning_names
+    params = Sampling("t0", 64, 32, 9, 3, 1.0, SEED)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"prompt_embeds": torch.randn(1, 8, engine.denoising.text_dim, generator=generator),
+               "condition_latents": torch.randn(1, 48, 1, 2, 4, generator=generator)}
+    engine.check_conditioning(params, tensors)
+    run = engine.denoising.start(params, tensors, torch.device("cpu"))
+    t = run.timesteps[0]
+    call = run.step_call(run.latents, t, 0)
+    timestep, hidden = call.cond["timestep"], call.cond["hidden_states"]
+    per_frame = (2 // 2) * (4 // 2)            # tokens per latent frame: (H/2) x (W/2) patches
+    assert timestep.shape == (1, 3 * per_frame)
+    assert (timestep[:, :per_frame] == 0).all() and (timestep[:, per_frame:] == t).all()
+    assert torch.equal(hidden[:, :, :1], tensors["condition_latents"])
+    assert torch.equal(hidden[:, :, 1:], run.latents[:, :, 1:])
+    with torch.inference_mode():
+        masked = call.model(**call.cond, return_dict=False)[0]
+        every_token_at_t = call.model(**{**call.cond, "timestep": torch.full_like(timestep, float(t))},
+                                      return_dict=False)[0]
+    assert (masked - every_token_at_t).abs().max().item() > 1e-3
+
+
+def test_models_say_which_take_an_image_and_the_others_refuse_one(wan22_mesh):
+    body = httpx.get(f"{wan22_mesh.http_url}/v1/models", timeout=30).json()
+    listed = {m["id"]: (m["task"], m["limits"]["needs_image"], m["limits"]["accepts_image"]) for m in body["data"]}
+    assert listed == {A14B: ("text-to-video", False, False), TI2V: ("text-to-video", False, True),
+                      TI2V_I2V: ("image-to-video", True, True)}
+    refused = generate_error(wan22_mesh, model=A14B, image=picture())       # Wan2.2 A14B T2V: no image path
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details().startswith("image: ") and "takes no conditioning image" in refused.details()
+    missing = generate_error(wan22_mesh, model=TI2V_I2V, num_frames=5)
+    assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert missing.details().startswith("image: ") and "needs a conditioning image" in missing.details()
 
 
 def generate_error(mesh, **fields) -> grpc.RpcError:

@@ -121,3 +121,23 @@ def test_guidance_scale_2_needs_a_second_expert():
         request.validate(MODELS)
     assert info.value.field == "guidance_scale_2" and "one transformer" in info.value.message
     request.validate(dataclasses.replace(MODELS, experts=2))
+
+
+def test_an_image_is_refused_only_where_the_model_neither_needs_nor_accepts_one():
+    from PIL import Image
+
+    from services.common.images import encode_png
+
+    png = encode_png(Image.new("RGB", (8, 8)))
+    with_image = dataclasses.replace(VALID, image=png)
+    with pytest.raises(InvalidArgument) as info:
+        with_image.validate(MODELS)
+    assert info.value.field == "image" and "takes no conditioning image" in info.value.message
+    optional = dataclasses.replace(MODELS, accepts_image=True)             # Wan2.2 TI2V-5B as a WanPipeline
+    with_image.validate(optional)
+    VALID.validate(optional)
+    required = dataclasses.replace(MODELS, task="image-to-video", needs_image=True)
+    with_image.validate(required)
+    with pytest.raises(InvalidArgument) as info:
+        VALID.validate(required)
+    assert info.value.field == "image" and "needs a conditioning image" in info.value.message

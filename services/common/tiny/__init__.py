@@ -20,6 +20,7 @@ WRITERS = {
     "wan2.2-i2v": "services.common.tiny.wan_i2v:write_tiny_wan22_i2v",
     "wan2.2": "services.common.tiny.wan22:write_tiny_wan22",
     "wan2.2-ti2v": "services.common.tiny.wan22:write_tiny_wan22_ti2v",
+    "wan2.2-ti2v-i2v": "services.common.tiny.wan22:write_tiny_wan22_ti2v_i2v",
 }
 
 

@@ -5,6 +5,10 @@
 * :func:`write_tiny_wan22_ti2v` -- Wan2.2 TI2V-5B's shape used as text-to-video: one transformer with 48
   latent channels, `expand_timesteps=True` (one timestep per token), and the Wan2.2 VAE (`is_residual`,
   `patch_size=2` on 12 pixel channels, 48 latent channels, 16x spatial, 4x temporal), UniPC with flow_shift 5.
+  Saved as a `WanPipeline`, as the real TI2V-5B ships; diffusers runs its image-to-video by loading the same
+  directory into `WanImageToVideoPipeline`.
+* :func:`write_tiny_wan22_ti2v_i2v` -- the same weights saved as a `WanImageToVideoPipeline` (expand_timesteps,
+  no image encoder): TI2V-5B's image-to-video, as a directory of that pipeline.
 
 They reuse the Wan2.1 writer's tokenizer, text encoder, initialisation and seeding
 (services/common/tiny_model.py), so they write in seconds and the same seed gives byte-identical files.
@@ -18,7 +22,7 @@ import pathlib
 
 from services.common import tiny_model as wan21
 
-__all__ = ["BOUNDARY_RATIO", "write_tiny_wan22", "write_tiny_wan22_ti2v"]
+__all__ = ["BOUNDARY_RATIO", "write_tiny_wan22", "write_tiny_wan22_ti2v", "write_tiny_wan22_ti2v_i2v"]
 
 BOUNDARY_RATIO = 0.875        # Wan2.2 A14B's: transformer for t >= 875, transformer_2 below
 A14B_FLOW_SHIFT = 3.0         # Wan2.2-T2V-A14B-Diffusers' scheduler config
@@ -78,12 +82,8 @@ def write_tiny_wan22(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     return _save(pipe, out, _A14B_COMPONENTS)
 
 
-def write_tiny_wan22_ti2v(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Write a tiny Wan2.2 TI2V-5B-style model (expand_timesteps, the Wan2.2 VAE) to ``path``."""
-    from diffusers import WanPipeline
-
-    out = pathlib.Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+def _ti2v_parts(seed: int) -> dict:
+    """TI2V-5B's components in miniature, for either pipeline class (the same seed: the same weights)."""
     tokenizer = wan21._build_tokenizer()
     with wan21._BUILD_LOCK:
         with wan21._seeded(seed * 10 + 1):
@@ -92,7 +92,23 @@ def write_tiny_wan22_ti2v(path: str | os.PathLike, seed: int = 0) -> pathlib.Pat
             transformer = wan21._build_transformer(in_channels=TI2V_Z_DIM, out_channels=TI2V_Z_DIM)
         with wan21._seeded(seed * 10 + 3):
             vae = wan21._build_vae(**_TI2V_VAE)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                       scheduler=wan21._build_scheduler(TI2V_FLOW_SHIFT), transformer=transformer,
-                       expand_timesteps=True)
-    return _save(pipe, out, wan21._COMPONENTS)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                scheduler=wan21._build_scheduler(TI2V_FLOW_SHIFT), transformer=transformer, expand_timesteps=True)
+
+
+def write_tiny_wan22_ti2v(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Write a tiny Wan2.2 TI2V-5B-style model (expand_timesteps, the Wan2.2 VAE) to ``path``, as a WanPipeline."""
+    from diffusers import WanPipeline
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return _save(WanPipeline(**_ti2v_parts(seed)), out, wan21._COMPONENTS)
+
+
+def write_tiny_wan22_ti2v_i2v(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """The same tiny TI2V-5B saved as a `WanImageToVideoPipeline` (expand_timesteps, no image encoder)."""
+    from diffusers import WanImageToVideoPipeline
+
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return _save(WanImageToVideoPipeline(**_ti2v_parts(seed)), out, wan21._COMPONENTS)
