@@ -15,10 +15,12 @@ from services.denoiser.axes import AxisGroup
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: AxisGroup, valid_keys: list[int],
-                   kernel) -> torch.Tensor:
+                   kernel, local_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of this rank's queries over every ring block's keys. q, k, v: [B, h, n, d]; block r holds
     `valid_keys[r]` real keys (the rest is padding). `kernel` is one of the gang's LSE kernels
-    (services/denoiser/gang/attention.py's LSE_KERNELS): attention that also returns each query's log-sum-exp."""
+    (services/denoiser/gang/attention.py's LSE_KERNELS): attention that also returns each query's log-sum-exp.
+    `local_kv`: keys and values [B, h, m, d] that every ring rank holds alike (FLUX's replicated text tokens), so
+    they never travel: each rank attends them once, before its own block's keys at the first step."""
     degree, index = ring.size, ring.index
     kv = torch.stack((k, v)).contiguous()
     out = lse = None
@@ -32,8 +34,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Axis
             ])
         source = (index - step) % degree
         keys = valid_keys[source]
-        if keys > 0:
-            block_out, block_lse = kernel(q, kv[0, :, :, :keys], kv[1, :, :, :keys])
+        block_k, block_v = kv[0, :, :, :keys], kv[1, :, :, :keys]
+        if step == 0 and local_kv is not None:
+            block_k, block_v = torch.cat((local_kv[0], block_k), dim=2), torch.cat((local_kv[1], block_v), dim=2)
+        if block_k.shape[2] > 0:
+            block_out, block_lse = kernel(q, block_k, block_v)
             out, lse = _merge(out, lse, block_out, block_lse)
         for request in pending:
             request.wait()

@@ -28,6 +28,7 @@ from services.families.base import (
     Denoising,
     Family,
     Limits,
+    ParallelPlan,
     Sampling,
     StepCall,
     TextEncoding,
@@ -244,6 +245,12 @@ class FluxFamily(Family):
                       default_height=side, default_frames=1, default_steps=28, default_guidance_scale=3.5,
                       true_cfg=True, guidance_embedding=bool(transformer.get("guidance_embeds", False)),
                       max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH)
+
+    def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
+        # Imported here: only a gang's ranks (and one device, for the same attention kernels) need it.
+        from services.families.flux_parallel import flux_parallel_plan
+
+        return flux_parallel_plan(model)
 
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
         return FluxTextEncoding(model, dtype, device)

@@ -233,17 +233,11 @@ class WanFamily(Family):
                       accepts_image=takes_optional_image(model))
 
     def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
-        if model.index.get("expand_timesteps"):
-            return None      # TI2V's per-token timesteps are not split by the gang's Wan forward yet
-        # The gang's Wan forward and TP plan (imported here: only a gang's ranks need them).
-        from services.denoiser.attention import install_self_attention
-        from services.denoiser.gang.tensor_parallel import load_sharded_transformer
-        from services.denoiser.gang.transformer import ParallelTransformer
+        # Every Wan variant (T2V, I2V, A14B's two experts, TI2V's per-token timesteps); imported here, since only a
+        # gang's ranks (and one device, for the same kernels) need the gang's Wan forward and TP plan.
+        from services.families.wan_parallel import wan_parallel_plan
 
-        config = model.config("transformer")
-        return ParallelPlan(heads=int(config["num_attention_heads"]), tp_widths={"ffn_dim": int(config["ffn_dim"])},
-                            sequence_parallel=ParallelTransformer, tensor_parallel=load_sharded_transformer,
-                            one_device=install_self_attention)
+        return wan_parallel_plan(model)
 
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
         return WanTextEncoding(model, dtype, device)

@@ -27,7 +27,6 @@ from services.families.base import (
     Denoising,
     ImageEncoding,
     Limits,
-    ParallelPlan,
     Sampling,
     StepCall,
     TextEncoding,
@@ -180,9 +179,6 @@ class WanI2VDecoding(WanDecoding):
 class WanI2VFamily(WanFamily):
     name = "wan-i2v"
     pipeline_classes = ("WanImageToVideoPipeline",)
-
-    def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
-        return None          # the gang's Wan forward does not carry the image cross-attention yet
 
     def limits(self, model: ModelDir) -> Limits:
         return dataclasses.replace(super().limits(model), family=self.name, task="image-to-video", needs_image=True,

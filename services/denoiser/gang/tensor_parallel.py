@@ -1,18 +1,21 @@
-"""Tensor parallelism for Wan transformer blocks: heads and the feed-forward width split across the TP
-group, Megatron style. q/k/v and the first FFN projection are column-parallel (each rank computes its
-slice of the outputs); the attention output and second FFN projection are row-parallel (partial sums,
-all-reduced). The q/k RMSNorms span all heads, so their mean square is all-reduced too.
+"""Tensor parallelism for any family's transformer, Megatron style: a family's shard function (its ParallelPlan's
+TP loader, in its services/families/ module) swaps the layers it splits for their sharded forms with the
+helpers here and says how each parameter is sliced; `load_sharded_transformer` then reads only this rank's slices.
 
-Each rank reads only its own slices from the safetensors files, so a TP-4 rank holds a quarter of the
-block weights, from loading on.
+Column-parallel projections (q/k/v, the first FFN projection) compute a slice of the outputs on each rank;
+row-parallel ones (the attention output, the second FFN projection) sum partial products with an all-reduce.
+RMSNorms that span all heads all-reduce their mean square. A TP-4 rank holds a quarter of the sharded weights,
+from loading on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import pathlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,24 @@ from safetensors import safe_open
 from services.denoiser.axes import AxisGroup
 
 logger = logging.getLogger(__name__)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A dimension that concatenates blocks split independently (FLUX's single-stream proj_out reads
+    [attention output, MLP hidden], each column-parallel on its own): each rank takes its share of every block,
+    in order, which is the order of its own activations."""
+
+    dim: int
+    blocks: tuple[int, ...]
+
+
+# Parameter name -> the dimension split across the TP group (or a Packed one), or None when every rank keeps it
+# whole.
+ShardPlan = dict[str, int | Packed | None]
+# (the model, built on the meta device; the TP axis) -> its plan, once its layers are swapped for sharded ones
+ShardFunction = Callable[[nn.Module, AxisGroup], ShardPlan]
 
 
 class RowParallelLinear(nn.Module):
@@ -59,40 +80,44 @@ class ShardedRMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-# How each sharded parameter is sliced: (dimension split, or None when every rank keeps it whole).
-def _shard_blocks(model: nn.Module, tp: AxisGroup) -> dict[str, int | None]:
-    """Swap each block's layers for their sharded forms (on the meta device); returns the slicing plan."""
-    plan: dict[str, int | None] = {}
-    degree = tp.size
-    for index, block in enumerate(model.blocks):
-        prefix = f"blocks.{index}"
-        for name in ("attn1", "attn2"):
-            attn = getattr(block, name)
-            if attn.add_k_proj is not None:
-                raise ValueError("tensor parallelism does not support image-conditioned (I2V) attention layers")
-            for projection in ("to_q", "to_k", "to_v"):
-                linear = getattr(attn, projection)
-                setattr(attn, projection, nn.Linear(linear.in_features, linear.out_features // degree))
-                plan[f"{prefix}.{name}.{projection}.weight"] = 0
-                plan[f"{prefix}.{name}.{projection}.bias"] = 0
-            for norm_name in ("norm_q", "norm_k"):
-                norm = getattr(attn, norm_name)
-                total = norm.weight.shape[0]
-                setattr(attn, norm_name, ShardedRMSNorm(total // degree, total, norm.eps or 1e-6, tp))
-                plan[f"{prefix}.{name}.{norm_name}.weight"] = 0
-            out = attn.to_out[0]
-            attn.to_out[0] = RowParallelLinear(out.in_features // degree, out.out_features, tp)
-            plan[f"{prefix}.{name}.to_out.0.weight"] = 1
-            plan[f"{prefix}.{name}.to_out.0.bias"] = None
-            attn.heads //= degree
-        first, second = block.ffn.net[0].proj, block.ffn.net[2]
-        block.ffn.net[0].proj = nn.Linear(first.in_features, first.out_features // degree)
-        plan[f"{prefix}.ffn.net.0.proj.weight"] = 0
-        plan[f"{prefix}.ffn.net.0.proj.bias"] = 0
-        block.ffn.net[2] = RowParallelLinear(second.in_features // degree, second.out_features, tp)
-        plan[f"{prefix}.ffn.net.2.weight"] = 1
-        plan[f"{prefix}.ffn.net.2.bias"] = None
-    return plan
+# Swapping one layer for its sharded form. `path` is the replaced module's name in the model's state dict.
+
+def shard_columns(parent: nn.Module, name: str, path: str, tp: AxisGroup, plan: ShardPlan) -> None:
+    """parent.<name> (an nn.Linear) -> this rank's slice of its output features."""
+    linear = getattr(parent, name)
+    setattr(parent, name, nn.Linear(linear.in_features, linear.out_features // tp.size, bias=linear.bias is not None))
+    plan[f"{path}.weight"] = 0
+    if linear.bias is not None:
+        plan[f"{path}.bias"] = 0
+
+
+def shard_rows(parent: nn.Module, name: str, path: str, tp: AxisGroup, plan: ShardPlan) -> None:
+    """parent.<name> (an nn.Linear with a bias) -> a RowParallelLinear on this rank's slice of its inputs."""
+    linear = getattr(parent, name)
+    setattr(parent, name, RowParallelLinear(linear.in_features // tp.size, linear.out_features, tp))
+    plan[f"{path}.weight"] = 1
+    plan[f"{path}.bias"] = None
+
+
+def shard_packed_rows(parent: nn.Module, name: str, path: str, tp: AxisGroup, plan: ShardPlan,
+                      blocks: tuple[int, ...]) -> None:
+    """parent.<name> (an nn.Linear with a bias, its inputs the concatenation of `blocks`, each split across the
+    group) -> a RowParallelLinear on this rank's share of every block."""
+    linear = getattr(parent, name)
+    if sum(blocks) != linear.in_features:
+        raise ValueError(f"{path}: blocks {blocks} do not add up to its {linear.in_features} input features")
+    setattr(parent, name, RowParallelLinear(linear.in_features // tp.size, linear.out_features, tp))
+    plan[f"{path}.weight"] = Packed(1, tuple(blocks))
+    plan[f"{path}.bias"] = None
+
+
+def shard_rms_norm(parent: nn.Module, name: str, path: str, tp: AxisGroup, plan: ShardPlan,
+                   default_eps: float = 1e-6) -> None:
+    """parent.<name> (an RMSNorm over features that column-parallel layers split) -> a ShardedRMSNorm."""
+    norm = getattr(parent, name)
+    total = norm.weight.shape[0]
+    setattr(parent, name, ShardedRMSNorm(total // tp.size, total, norm.eps or default_eps, tp))
+    plan[f"{path}.weight"] = 0
 
 
 def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -108,16 +133,29 @@ def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: single for name in f.keys()}
 
 
+def _packed_slice(tensor_slice, split: Packed, tp: AxisGroup) -> torch.Tensor:
+    """This rank's share of each block of a Packed dimension, concatenated."""
+    pieces, offset = [], 0
+    for block in split.blocks:
+        share = block // tp.size
+        index = [slice(None)] * len(tensor_slice.get_shape())
+        index[split.dim] = slice(offset + tp.index * share, offset + (tp.index + 1) * share)
+        pieces.append(tensor_slice[tuple(index)])
+        offset += block
+    return torch.cat(pieces, dim=split.dim)
+
+
 def load_sharded_transformer(model_class: type, folder: pathlib.Path, tp: AxisGroup, dtype: torch.dtype,
-                             device: torch.device) -> nn.Module:
-    """Build the transformer with its blocks sharded across `tp`, reading only this rank's slices.
+                             device: torch.device, *, shard: ShardFunction) -> nn.Module:
+    """Build the transformer with the layers `shard` splits sharded across `tp`, reading only this rank's slices.
 
     Dtypes follow diffusers' from_pretrained: floating weights in `dtype`, except the modules the class keeps
     in float32 (`_keep_in_fp32_modules`: norms, time embedding, modulation tables)."""
     config = model_class.load_config(folder)
+    # The sharded layers are built on the meta device too: every parameter is then assigned from the checkpoint.
     with init_empty_weights(include_buffers=False):
         model = model_class.from_config(config)
-    plan = _shard_blocks(model, tp)
+        plan = shard(model, tp)
     keep_fp32 = tuple(getattr(model_class, "_keep_in_fp32_modules", None) or ())
     files = _checkpoint_files(folder)
     state: dict[str, torch.Tensor] = {}
@@ -135,6 +173,8 @@ def load_sharded_transformer(model_class: type, folder: pathlib.Path, tp: AxisGr
             split = plan.get(name)
             if split is None:
                 tensor = tensor_slice[:]
+            elif isinstance(split, Packed):
+                tensor = _packed_slice(tensor_slice, split, tp)
             else:
                 size = parameter.shape[split]
                 start = tp.index * size
