@@ -22,6 +22,17 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 
 def decode_image(data: bytes, field: str = "image") -> Image.Image:
     """The image as RGB (as diffusers' pipelines convert it), or InvalidArgument naming `field`."""
+    return _read(data, field, Image.Image.load).convert("RGB")
+
+
+def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
+    """Cheap check that `data` is an image the stages can decode (header and structure, not every pixel), for
+    the gateway to refuse a bad upload before accepting the job. Returns (width, height)."""
+    return _read(data, field, Image.Image.verify).size
+
+
+def _read(data: bytes, field: str, finish) -> Image.Image:
+    """Open `data` as one of FORMATS within the bounds, then `finish` it (load every pixel, or only verify)."""
     if not data:
         raise InvalidArgument(field, "is empty")
     if len(data) > MAX_IMAGE_BYTES:
@@ -33,32 +44,12 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise InvalidArgument(field, f"{width}x{height} is over the limit of {MAX_IMAGE_PIXELS} pixels")
-            image.load()
+            finish(image)
     except InvalidArgument:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InvalidArgument(field, f"not a PNG, JPEG or WebP image ({type(error).__name__})") from None
-    return image.convert("RGB")
-
-
-def check_image(data: bytes, field: str = "image") -> tuple[int, int]:
-    """Cheap check that `data` is an image the stages can decode (header and structure, not every pixel), for
-    the gateway to refuse a bad upload before accepting the job. Returns (width, height)."""
-    if not data:
-        raise InvalidArgument(field, "is empty")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidArgument(field, f"{len(data)} bytes, over the limit of {MAX_IMAGE_BYTES}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            size = image.size
-            image.verify()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InvalidArgument(field, f"not a PNG, JPEG or WebP image ({type(error).__name__})") from None
-    if size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise InvalidArgument(field, f"{size[0]}x{size[1]} is over the limit of {MAX_IMAGE_PIXELS} pixels")
-    return size
+    return image
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -128,6 +128,15 @@ class TextEncoding(abc.ABC):
         """`negative_prompt` None: no guidance branch, send only the positive tensors."""
 
 
+def check_embeddings(name: str, embeds: torch.Tensor, width: int, rank: int = 3) -> None:
+    """One prompt's embeddings: [1, L, width] (rank 3) or [1, width] (rank 2, pooled), floating point."""
+    shape = [1, "L", width] if rank == 3 else [1, width]
+    if embeds.dim() != rank or embeds.shape[0] != 1 or embeds.shape[-1] != width:
+        raise InvalidArgument(name, f"shape {list(embeds.shape)} is not {shape}")
+    if not embeds.is_floating_point():
+        raise InvalidArgument(name, f"dtype {embeds.dtype} is not a floating point type")
+
+
 class ImageEncoding(abc.ABC):
     """The encoder stage's part for a conditioning image: image -> named tensors, float32 on the CPU."""
 

@@ -33,6 +33,7 @@ from services.families.base import (
     StepCall,
     TextEncoding,
     TransformerLoader,
+    check_embeddings,
 )
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512   # FluxPipeline.__call__'s default, and the most its check_inputs allows
@@ -184,9 +185,9 @@ class FluxDenoising(Denoising):
             missing, = set(NAMES[2:]) - set(negatives)
             raise InvalidArgument(missing, f"required with {negatives[0]}")
         for prefix in ("", "negative_") if negatives else ("",):
-            check_embeddings(f"{prefix}prompt_embeds", tensors[f"{prefix}prompt_embeds"], 3, self.text_dim)
-            check_embeddings(f"{prefix}pooled_prompt_embeds", tensors[f"{prefix}pooled_prompt_embeds"], 2,
-                             self.pooled_dim)
+            check_embeddings(f"{prefix}prompt_embeds", tensors[f"{prefix}prompt_embeds"], self.text_dim)
+            check_embeddings(f"{prefix}pooled_prompt_embeds", tensors[f"{prefix}pooled_prompt_embeds"],
+                             self.pooled_dim, rank=2)
         if negatives and params.true_cfg_scale > 1.0 and (
                 tensors["negative_prompt_embeds"].shape != tensors["prompt_embeds"].shape):
             # FluxPipeline.__call__ refuses embeddings of two shapes under true CFG too.
@@ -195,15 +196,6 @@ class FluxDenoising(Denoising):
 
     def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
         return FluxRun(self, params, tensors, device)
-
-
-def check_embeddings(name: str, embeds: torch.Tensor, rank: int, width: int) -> None:
-    """One prompt's embeddings: [1, L, width] (rank 3, tokens) or [1, width] (rank 2, pooled), floating point."""
-    shape = [1, "L", width] if rank == 3 else [1, width]
-    if embeds.dim() != rank or embeds.shape[0] != 1 or embeds.shape[-1] != width:
-        raise InvalidArgument(name, f"shape {list(embeds.shape)} is not {shape}")
-    if not embeds.is_floating_point():
-        raise InvalidArgument(name, f"dtype {embeds.dtype} is not a floating point type")
 
 
 class FluxDecoding(Decoding):

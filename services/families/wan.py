@@ -33,6 +33,7 @@ from services.families.base import (
     StepCall,
     TextEncoding,
     TransformerLoader,
+    check_embeddings,
 )
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512   # WanPipeline.__call__'s default
@@ -169,15 +170,6 @@ class WanDenoising(Denoising):
 
     def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
         return WanRun(self, params, tensors, device)
-
-
-def check_embeddings(name: str, embeds: torch.Tensor, width: int, rank: int = 3) -> None:
-    """One prompt's embeddings: [1, L, width] (rank 3) or [1, width] (rank 2, pooled), floating point."""
-    shape = [1, "L", width] if rank == 3 else [1, width]
-    if embeds.dim() != rank or embeds.shape[0] != 1 or embeds.shape[-1] != width:
-        raise InvalidArgument(name, f"shape {list(embeds.shape)} is not {shape}")
-    if not embeds.is_floating_point():
-        raise InvalidArgument(name, f"dtype {embeds.dtype} is not a floating point type")
 
 
 class WanDecoding(Decoding):

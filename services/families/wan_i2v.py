@@ -31,6 +31,7 @@ from services.families.base import (
     StepCall,
     TextEncoding,
     TransformerLoader,
+    check_embeddings,
 )
 from services.families.wan import (
     BRANCH_KWARGS,
@@ -40,7 +41,6 @@ from services.families.wan import (
     WanFamily,
     WanRun,
     WanTextEncoding,
-    check_embeddings,
 )
 
 CONDITION = "condition_latents"
