@@ -366,7 +366,7 @@ def write_foreign(path: pathlib.Path, kind: str) -> pathlib.Path:
             vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=40, num_layers=1, num_heads=3,
             relative_attention_num_buckets=4, feed_forward_proj="gated-gelu", pad_token_id=0,
             eos_token_id=1)).eval()
-        channels = 16 if kind == "a14b" else 48
+        channels = 48 if kind == "ti2v" else 16
 
         def transformer(layers: int, heads: int, seed: int) -> WanTransformer3DModel:
             return scaled(WanTransformer3DModel(
@@ -374,7 +374,13 @@ def write_foreign(path: pathlib.Path, kind: str) -> pathlib.Path:
                 out_channels=channels, text_dim=24, freq_dim=64, ffn_dim=40, num_layers=layers,
                 cross_attn_norm=True, qk_norm="rms_norm_across_heads"), seed)
 
-        if kind == "a14b":
+        if kind == "wan21":
+            # Wan2.1 T2V as another writer would save it: one transformer, another VAE width, FlowMatchEuler.
+            vae = scaled(AutoencoderKLWan(base_dim=5, z_dim=16, dim_mult=[1, 1, 2, 1], num_res_blocks=1,
+                                          temperal_downsample=[False, True, True]), 4)
+            pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                               scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer(2, 3, 5))
+        elif kind == "a14b":
             vae = scaled(AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 1, 1], num_res_blocks=1,
                                           temperal_downsample=[False, True, True]), 3)
             pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
@@ -401,6 +407,8 @@ def write_foreign(path: pathlib.Path, kind: str) -> pathlib.Path:
 
 
 FOREIGN = [
+    pytest.param("wan21", dict(width=64, height=32, num_frames=5, steps=3, guidance_scale=5.0, guidance_scale_2=None,
+                               n=2), id="wan2.1-style"),
     # FlowMatchEuler at shift 5, 4 steps: 1000, 910 (transformer) | 717, 24 (transformer_2) at boundary 900
     pytest.param("a14b", dict(width=48, height=32, num_frames=5, steps=4, guidance_scale=4.0, guidance_scale_2=3.0,
                               n=1), id="a14b-style"),
