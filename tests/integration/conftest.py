@@ -17,9 +17,11 @@ import grpc
 import pytest
 
 from diffmesh.v1 import gateway_pb2_grpc
+from services.common.tiny.flux import write_tiny_flux, write_tiny_flux_schnell
 from services.common.tiny_model import write_tiny_model
 
 START_TIMEOUT_S = 240
+FLUX_DEV, FLUX_SCHNELL = "flux-dev-tiny", "flux-schnell-tiny"
 READY = re.compile(
     r"diffmesh is up: gateway grpc=(?P<grpc>\S+) http=(?P<http>\S+) model=(?P<model>\S+) "
     r"encoder=(?P<encoder>\S+) denoiser=(?P<denoiser>\S+) decoder=(?P<decoder>\S+)"
@@ -98,4 +100,20 @@ def mesh(model_dir) -> RunningMesh:
     log_file = os.environ.get("DIFFMESH_TEST_MESH_LOG")
     if log_file:  # the services' own logs, for debugging a failed run
         pathlib.Path(log_file).write_text("".join(running.log))
+    assert code == 0, "diffmesh up did not stop cleanly:\n" + "".join(running.log[-30:])
+
+
+@pytest.fixture(scope="session")
+def flux_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
+    root = tmp_path_factory.mktemp("flux")
+    return {FLUX_DEV: write_tiny_flux(root / FLUX_DEV), FLUX_SCHNELL: write_tiny_flux_schnell(root / FLUX_SCHNELL)}
+
+
+@pytest.fixture(scope="session")
+def families_mesh(model_dir, flux_dirs) -> RunningMesh:
+    """One `diffmesh up` serving Wan2.1 T2V (the default), FLUX.1 dev and FLUX.1 schnell: the FLUX tests and the
+    two-family tests share it (each mesh start costs the CI machine half a minute)."""
+    running = start_mesh(model_dir, extra=[arg for path in flux_dirs.values() for arg in ("--model", str(path))])
+    yield running
+    code = stop_mesh(running)
     assert code == 0, "diffmesh up did not stop cleanly:\n" + "".join(running.log[-30:])

@@ -1,12 +1,11 @@
-"""Two families behind one gateway: `diffmesh up --model WAN --model FLUX` serves Wan2.1 text-to-video (the
-default) and FLUX.1 [dev] text-to-image side by side, each request routed to its model's stages and answered
+"""Two families behind one gateway: `diffmesh up --model WAN --model FLUX ...` serves Wan2.1 text-to-video (the
+default) and FLUX.1 text-to-image side by side, each request routed to its model's stages and answered
 with its own family's diffusers output, over gRPC and REST."""
 
 from __future__ import annotations
 
 import base64
 import io
-import pathlib
 import time
 
 import httpx
@@ -19,24 +18,16 @@ from PIL import Image
 
 from diffmesh.client import GatewayClient
 from diffmesh.v1 import gateway_pb2
-from services.common.tiny.flux import write_tiny_flux
-from tests.integration.conftest import start_mesh, stop_mesh
+from tests.integration.conftest import FLUX_DEV, FLUX_SCHNELL
 from tests.integration.test_flux import NEGATIVE, PROMPT, SEED, STEPS, TOLERANCE, load_pipeline, reference
 
-FLUX = "flux-dev-tiny"
+FLUX = FLUX_DEV
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> pathlib.Path:
-    return write_tiny_flux(tmp_path_factory.mktemp("mixed") / FLUX)
-
-
-@pytest.fixture(scope="module")
-def mixed_mesh(model_dir, flux_dir):
-    running = start_mesh(model_dir, extra=["--model", str(flux_dir)])
-    yield running
-    code = stop_mesh(running)
-    assert code == 0, "diffmesh up did not stop cleanly:\n" + "".join(running.log[-30:])
+def mixed_mesh(families_mesh):
+    """The session's mesh: Wan2.1 T2V (the default), FLUX.1 dev and schnell (tests/integration/conftest.py)."""
+    return families_mesh
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +44,8 @@ def wan(model_dir) -> WanPipeline:
 
 
 @pytest.fixture(scope="module")
-def flux(flux_dir):
-    return load_pipeline(flux_dir)
+def flux(flux_dirs):
+    return load_pipeline(flux_dirs[FLUX])
 
 
 def wan_reference(wan: WanPipeline, **kwargs) -> tuple[torch.Tensor, np.ndarray]:
@@ -75,10 +66,11 @@ def rounded(frame: np.ndarray) -> np.ndarray:
 
 def test_models_lists_both_with_their_tasks(http, mixed_mesh, model_dir):
     body = http.get("/v1/models").json()
-    assert [(m["id"], m["task"]) for m in body["data"]] == [(model_dir.name, "text-to-video"), (FLUX, "text-to-image")]
+    expected = [(model_dir.name, "text-to-video"), (FLUX_DEV, "text-to-image"), (FLUX_SCHNELL, "text-to-image")]
+    assert [(m["id"], m["task"]) for m in body["data"]] == expected
     assert mixed_mesh.model == model_dir.name           # the first --model is the default
     listed = mixed_mesh.gateway_stub().ListModels(gateway_pb2.ListModelsRequest(), timeout=30).models
-    assert [(m.id, m.task) for m in listed] == [(model_dir.name, "text-to-video"), (FLUX, "text-to-image")]
+    assert [(m.id, m.task) for m in listed] == expected
 
 
 def test_grpc_wan_by_default_equals_wan_pipeline(mixed_mesh, wan):
