@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from services.denoiser.attention import install_self_attention  # noqa: E402
+from services.families.wan_attention import install_self_attention  # noqa: E402
 
 
 def timed_forward(model, inputs: dict, warmup: int, repeats: int) -> list[float]:

@@ -19,7 +19,6 @@ import math
 import torch
 
 from services.common.models import ModelDir
-from services.denoiser.attention import install_self_attention
 from services.denoiser.axes import AxisGroup
 from services.denoiser.gang.distributed import Gang
 from services.denoiser.gang.exchange import ulysses_exchange
@@ -32,6 +31,7 @@ from services.denoiser.gang.tensor_parallel import (
     shard_rows,
 )
 from services.families.base import ParallelPlan
+from services.families.wan_attention import install_self_attention
 
 EXPERTS = ("transformer", "transformer_2")      # Wan2.2 A14B's second expert is loaded through the plan too
 

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.denoiser.attention import SequenceParallelAttention
 from services.denoiser.axes import AxisGroup
 from services.denoiser.gang.attention import CollectiveExchange, _lse_flash_cpu
 from services.denoiser.gang.launcher import free_port
+from services.families.wan_attention import SequenceParallelAttention
 
 HEADS, HEAD_DIM, TOKENS = 10, 8, 14     # 2 ranks: 7 tokens and, after the exchange, 5 heads each
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from services.common.platform import is_available
-from services.denoiser.attention import SequenceParallelAttention
 from services.denoiser.rotary import TRITON_DEVICES, apply_rotary, apply_rotary_reference, fused_rotary_applies
+from services.families.wan_attention import SequenceParallelAttention
 
 ACCELERATOR = next((kind for kind in ("xpu", "cuda") if is_available(kind)), None)
 DEVICES = ["cpu"] + ([pytest.param(ACCELERATOR, marks=pytest.mark.gpu)] if ACCELERATOR else [])

@@ -1,6 +1,6 @@
 """The gang's pieces of sequence-parallel self-attention: Ulysses' exchanges (all-to-all over heads) and the
 attention kernels that also return the log-sum-exp Ring needs (Ring itself, which the one-device processor also
-carries, is services/denoiser/ring.py), used by the self-attention processor in services/denoiser/attention.py.
+carries, is services/denoiser/ring.py), used by the self-attention processor in services/families/wan_attention.py.
 
 Each rank holds a contiguous slice of the (padded) token sequence. Ulysses trades that for the whole of
 its ring block on a subset of heads; Ring then walks the other blocks of the sequence. Padding sits at

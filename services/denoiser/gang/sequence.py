@@ -2,7 +2,7 @@
 sequence this rank holds, which tokens its self-attention sees them on, and gathering every rank's slice back.
 
 Each sequence rank (ring x ulysses) holds `per_rank` consecutive tokens; the sequence is zero-padded at its end to
-`degree * per_rank`, and the padding is trimmed from keys in attention (services/denoiser/attention.py) and from
+`degree * per_rank`, and the padding is trimmed from keys in attention (services/families/wan_attention.py) and from
 the output after the gather, so it never changes a real token.
 """
 
