@@ -31,7 +31,8 @@ def test_png_jpeg_and_webp_are_read_as_rgb(fmt, mode):
 @pytest.mark.parametrize("data,reason", [
     (b"", "is empty"),
     (b"not an image at all", "not a PNG, JPEG or WebP image"),
-    (encoded("PNG")[:40], "not a PNG, JPEG or WebP image"),        # truncated
+    (encoded("PNG")[:40], "not a PNG, JPEG or WebP image"),        # truncated inside the header
+    (encoded("PNG", size=(56, 40))[:60], "not a PNG, JPEG or WebP image"),   # a whole header, the data cut
     (encoded("GIF", "P"), "not a PNG, JPEG or WebP image"),        # a format the stages do not take
     (b"\x89PNG" + b"\0" * MAX_IMAGE_BYTES, "over the limit"),
 ])
