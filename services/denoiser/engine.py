@@ -54,9 +54,7 @@ class DenoiserEngine:
         runs here too (with nothing to exchange: the same kernels, so one device and a gang compute the same
         numbers)."""
         transformer = model.load(component, dtype=dtype, device=self.device)
-        plan = self.family.parallel_plan(model)
-        if plan is not None and plan.one_device is not None:
-            plan.one_device(transformer)
+        self.family.install_kernels(transformer)
         return transformer
 
     @property

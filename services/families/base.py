@@ -201,8 +201,6 @@ class ParallelPlan:
     sequence_parallel: Callable[..., Callable[..., Any]]
     # (model_class, folder, tp axis, dtype, device) -> the transformer with its layers sharded; None: TP refused
     tensor_parallel: Callable[..., torch.nn.Module] | None = None
-    # (transformer) -> None: what one device installs so it runs the gang's kernels (equal numbers, fair timings)
-    one_device: Callable[[torch.nn.Module], None] | None = None
 
 
 class Family(abc.ABC):
@@ -216,6 +214,10 @@ class Family(abc.ABC):
     def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
         """How a gang splits this model's transformer (from its configs); None: the gang refuses it at start-up."""
         return None
+
+    def install_kernels(self, transformer: torch.nn.Module) -> None:
+        """What a whole transformer on one device runs instead of diffusers' processors, so one device and a gang
+        run the same kernels (equal numbers, fair timings). Nothing by default."""
 
     def negative_needed(self, limits: Limits, guidance_scale: float, true_cfg_scale: float,
                         negative_prompt: str) -> bool:

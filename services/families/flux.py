@@ -244,6 +244,11 @@ class FluxFamily(Family):
 
         return flux_parallel_plan(model)
 
+    def install_kernels(self, transformer: torch.nn.Module) -> None:
+        from services.families.flux_attention import install_joint_attention
+
+        install_joint_attention(transformer)
+
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
         return FluxTextEncoding(model, dtype, device)
 

@@ -183,7 +183,7 @@ def _gather_heads(x: torch.Tensor, ulysses: AxisGroup) -> torch.Tensor:
 def install_joint_attention(model: torch.nn.Module, ulysses=None, ulysses_axis: AxisGroup = ALONE,
                             ring: AxisGroup = ALONE, lse_kernel=None) -> list[FluxJointAttention]:
     """Give every FLUX block's attention (double- and single-stream) one FluxJointAttention; returns them. With no
-    arguments: what one device installs (the plan's `one_device`), diffusers' numbers on the shared kernels."""
+    arguments: what one device installs (`FluxFamily.install_kernels`), diffusers' numbers on the shared kernels."""
     processors = []
     for block in (*model.transformer_blocks, *model.single_transformer_blocks):
         processor = FluxJointAttention(ulysses, ulysses_axis, ring, lse_kernel)

@@ -155,4 +155,4 @@ def flux_parallel_plan(model: ModelDir) -> ParallelPlan:
     width = heads * int(config.get("attention_head_dim", 128))
     return ParallelPlan(heads=heads, tp_widths={"mlp_hidden_dim": int(width * MLP_RATIO)},
                         sequence_parallel=FluxParallelTransformer, tensor_parallel=load_flux_sharded,
-                        one_device=install_joint_attention)
+)

@@ -102,17 +102,21 @@ class WanRun(DenoiseRun):
         else:
             model = d.transformer_2
             scale = params.guidance_scale if params.guidance_scale_2 is None else params.guidance_scale_2
+        inputs = self.model_inputs(latents, t)
+        cond = dict(inputs, encoder_hidden_states=self.prompt_embeds)
+        uncond = None if self.negative_prompt_embeds is None else {
+            **cond, "encoder_hidden_states": self.negative_prompt_embeds}
+        return StepCall(model, cond, uncond, scale, BRANCH_KWARGS | frozenset(inputs))
+
+    def model_inputs(self, latents: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transformer's inputs besides the text, each with the batch first: latents and timesteps."""
+        d = self.denoising
         hidden = latents.to(d.dtype)
         if d.expand_timesteps:
             # One timestep per token (TI2V): with no condition frame, every token's is t.
             tokens = hidden.shape[2] * (hidden.shape[3] // d.patch_size[1]) * (hidden.shape[4] // d.patch_size[2])
-            timestep = t.expand(hidden.shape[0], tokens).float()
-        else:
-            timestep = t.expand(hidden.shape[0])
-        cond = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states=self.prompt_embeds)
-        uncond = None if self.negative_prompt_embeds is None else {
-            **cond, "encoder_hidden_states": self.negative_prompt_embeds}
-        return StepCall(model, cond, uncond, scale, BRANCH_KWARGS)
+            return {"hidden_states": hidden, "timestep": t.expand(hidden.shape[0], tokens).float()}
+        return {"hidden_states": hidden, "timestep": t.expand(hidden.shape[0])}
 
 
 class WanDenoising(Denoising):
@@ -230,6 +234,11 @@ class WanFamily(Family):
         from services.families.wan_parallel import wan_parallel_plan
 
         return wan_parallel_plan(model)
+
+    def install_kernels(self, transformer: torch.nn.Module) -> None:
+        from services.families.wan_attention import install_self_attention
+
+        install_self_attention(transformer)
 
     def text_encoding(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> TextEncoding:
         return WanTextEncoding(model, dtype, device)

@@ -28,13 +28,11 @@ from services.families.base import (
     ImageEncoding,
     Limits,
     Sampling,
-    StepCall,
     TextEncoding,
     TransformerLoader,
     check_embeddings,
 )
 from services.families.wan import (
-    BRANCH_KWARGS,
     TEXT_NAMES,
     WanDecoding,
     WanDenoising,
@@ -74,26 +72,26 @@ class WanI2VRun(WanRun):
             # TI2V: the first latent frame is the image's; its tokens get timestep 0.
             self.first_frame_mask = torch.ones(1, 1, frames, height, width, dtype=torch.float32, device=device)
             self.first_frame_mask[:, :, 0] = 0
+            # Each token's share of t (0 for the image's frame), as the pipeline's mask[0][0][:, ::2, ::2].
+            self.token_mask = self.first_frame_mask[0][0][:, ::2, ::2].flatten()
             self.condition = condition
         else:
             self.condition = torch.concat([denoising.frame_mask(params, n, height, width).to(device), condition], 1)
         embeds = tensors.get(IMAGE_EMBEDS)
         self.image_embeds = None if embeds is None else embeds.to(device, denoising.dtype).repeat(n, 1, 1)
 
-    def step_call(self, latents: torch.Tensor, t: torch.Tensor, index: int) -> StepCall:
-        call = super().step_call(latents, t, index)
+    def model_inputs(self, latents: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         d = self.denoising
         if d.expand_timesteps:
             hidden = ((1 - self.first_frame_mask) * self.condition + self.first_frame_mask * latents).to(d.dtype)
-            timestep = (self.first_frame_mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(
-                latents.shape[0], -1)
+            timestep = (self.token_mask * t).unsqueeze(0).expand(latents.shape[0], -1)
         else:
             hidden = torch.cat([latents, self.condition], dim=1).to(d.dtype)
             timestep = t.expand(latents.shape[0])
-        extra = {"hidden_states": hidden, "timestep": timestep, "encoder_hidden_states_image": self.image_embeds}
-        uncond = None if call.uncond is None else {**call.uncond, **extra}
-        return StepCall(call.model, {**call.cond, **extra}, uncond, call.scale,
-                        BRANCH_KWARGS | ({"encoder_hidden_states_image"} if self.image_embeds is not None else set()))
+        inputs = {"hidden_states": hidden, "timestep": timestep}
+        if self.image_embeds is not None:
+            inputs["encoder_hidden_states_image"] = self.image_embeds
+        return inputs
 
     def result(self, latents: torch.Tensor) -> torch.Tensor:
         if self.denoising.expand_timesteps:

@@ -150,4 +150,4 @@ def wan_parallel_plan(model: ModelDir) -> ParallelPlan:
         if int(config["ffn_dim"]) != widths["ffn_dim"]:
             widths[f"{name} ffn_dim"] = int(config["ffn_dim"])
     return ParallelPlan(heads=heads, tp_widths=widths, sequence_parallel=WanParallelTransformer,
-                        tensor_parallel=load_wan_sharded, one_device=install_self_attention)
+                        tensor_parallel=load_wan_sharded)

@@ -4,7 +4,7 @@ A FluxTransformer2DModel with 4 heads (so each Ulysses or TP rank holds two: a h
 samples (the exchange copies differently for more than one), 7 text tokens and 15 image tokens (odd: the second
 rank's slice ends in padding). Each layout (Ulysses 2, Ring 2, TP 2 read from the saved checkpoint) runs
 FluxParallelTransformer on services/denoiser/gang/distributed.py's Gang. The one-device processor
-(`install_joint_attention`, what the plan's `one_device` installs) must give diffusers' numbers exactly.
+(`install_joint_attention`, what `FluxFamily.install_kernels` installs) must give diffusers' numbers exactly.
 
 And the plan as the gang reads it at start-up: heads and widths from the config, a layout FLUX cannot take refused
 naming its numbers, and TP's slices of the single-stream proj_out (its [attention, MLP] halves split apart).
@@ -138,7 +138,7 @@ def test_the_flux_plan_declares_its_heads_and_widths(flux_models, family):
                    GangLayout(cfg=2, ring=2, ulysses=2)):
         plan = check_gang_model(model, layout)
     assert plan.heads == 2 and dict(plan.tp_widths) == {"mlp_hidden_dim": 128}
-    assert plan.tensor_parallel is not None and plan.one_device is not None
+    assert plan.tensor_parallel is not None
 
 
 def test_a_layout_flux_cannot_take_fails_at_start_up_naming_its_numbers(flux_models):
