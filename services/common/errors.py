@@ -38,8 +38,15 @@ class NotFound(MeshError):
 
 
 class ResourceExhausted(MeshError):
+    """Over a limit for now: the client should come back after `retry_after_s` (REST `Retry-After`, gRPC
+    `google.rpc.RetryInfo`)."""
+
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(MeshError):

@@ -7,6 +7,7 @@ loaded and, on SIGTERM/SIGINT, flips health to NOT_SERVING and lets in-flight re
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import inspect
 import logging
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -49,6 +51,11 @@ def status_of(error: MeshError) -> grpc.Status:
     if isinstance(error, InvalidArgument):
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.reason)
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(datetime.timedelta(seconds=retry_after_s))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     return rpc_status.to_status(status)
 
 

@@ -70,6 +70,7 @@ class GenerationRequest:
     return_frames: bool = False
     timeout_s: float | None = None
     image: bytes = dataclasses.field(default=b"", repr=False)   # encoded conditioning image (image-to-video)
+    owner: str = ""     # who submitted it (an API key's id when keys are on): only they see and cancel the job
 
     def validate(self, limits: Limits, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
         """Reject what the model's stages could not serve, naming the field, before any stage is called."""

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import math
 import time
 from typing import Literal
 
@@ -82,8 +83,14 @@ REST_FIELDS = {"image": "input_reference", "width": "size", "height": "size"}
 def mesh_error_response(error: MeshError) -> JSONResponse:
     field = getattr(error, "field", None)
     if field in REST_FIELDS:
-        return error_response(error.http_status, REST_FIELDS[field] + error.message[len(field):], REST_FIELDS[field])
-    return error_response(error.http_status, error.message, field)
+        response = error_response(error.http_status, REST_FIELDS[field] + error.message[len(field):],
+                                  REST_FIELDS[field])
+    else:
+        response = error_response(error.http_status, error.message, field)
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))   # whole seconds (RFC 9110)
+    return response
 
 
 def image_bytes(reference: str | bytes | None) -> bytes:

@@ -6,6 +6,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 
+from services.common.errors import Unavailable
 from services.gateway.config import GatewayConfig
 from services.gateway.jobs import Job, JobStore, new_job_id
 from services.gateway.pipeline import Event, GenerationRequest, MeshPipeline
@@ -21,6 +22,8 @@ class GatewayService:
         self.config = config
         self.pipeline = pipeline
         self.jobs = jobs
+        # Set on SIGTERM: no new job is accepted (503 naming the gateway) while accepted ones finish.
+        self.draining = False
 
     @property
     def models(self) -> list[str]:
@@ -79,8 +82,11 @@ class GatewayService:
 
     async def submit(self, request: GenerationRequest, prefix: str = "gen") -> Job:
         """Validate and register a job; raises InvalidArgument / NotFound / ResourceExhausted before any work."""
+        if self.draining:
+            raise Unavailable("gateway", "shutting down; retry on another gateway replica or after the restart")
         await self.pipeline.validate(request)
         return self.jobs.create(request, new_job_id(prefix))
+
     def events(self, job: Job) -> AsyncIterator[Event]:
         return self.jobs.track(job, self.pipeline.generate(job.request))
 

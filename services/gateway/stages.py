@@ -60,8 +60,12 @@ class StagePool:
         self.replicas = [
             Replica(address, channel, stub_class(channel))
             for address in addresses
-            for channel in [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)]
+            for channel in [self._connect(address)]
         ]
+
+    def _connect(self, address: str) -> grpc.aio.Channel:
+        """The one place a channel to a replica is made (plaintext or TLS)."""
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
     @property
     def addresses(self) -> list[str]:
