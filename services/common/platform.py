@@ -39,6 +39,10 @@ class Platform:
     # How Ulysses' exchanges travel (services/denoiser/gang/exchange.py): "collective" (the backend's all-to-all)
     # or "copy-engine" (CUDA copy engines over symmetric memory; needs every Ulysses rank on one host).
     ulysses_exchange: str = "collective"
+    # The attention kernel `--attention-backend auto` means here (services/common/attention.py). PyTorch's own
+    # pick everywhere for now: on an H200 it takes cuDNN's kernel, the fastest exact one at every served shape, and
+    # forcing cuDNN instead is no faster (bench/results/attention-cuda-*.json); on XPU it is XPU's own SDPA path.
+    attention: str = "native"
 
     def device(self, index: int | None = None) -> torch.device:
         if self.kind == "cpu" or index is None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from services.common.attention import current_attention
 from services.common.errors import Cancelled
 from services.common.limits import check_guidance, check_outputs, check_steps
 from services.common.models import ModelDir
@@ -44,8 +45,9 @@ class DenoiserEngine:
         self.predict_noise = predict_noise
         load = load or self.load_whole
         weights_dtype = dtype or platform.default_dtype()
+        self.attention = current_attention()
         self.denoising = self.family.denoising(
-            model, lambda component: load(model, component, weights_dtype), self.device)
+            model, lambda component: self.attention.install(load(model, component, weights_dtype)), self.device)
         logger.info("denoiser loaded %s (%s family) on %s (%s)", model.path, self.family.name, self.device,
                     self.denoising.dtype)
 
@@ -90,7 +92,8 @@ class DenoiserEngine:
         for i, t in enumerate(run.timesteps):
             if cancelled():
                 raise Cancelled(f"cancelled at step {i} of {total}")
-            noise_pred = self.predict_noise(run.step_call(latents, t, i))
+            with self.attention.scope():
+                noise_pred = self.predict_noise(run.step_call(latents, t, i))
             latents = run.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             latents = run.after_step(latents, i)
             if on_step is not None:

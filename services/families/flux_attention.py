@@ -24,8 +24,8 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from services.common.attention import attention
 from services.denoiser.axes import ALONE, AxisGroup
 from services.denoiser.ring import ring_attention
 from services.denoiser.rotary import apply_rotary
@@ -85,7 +85,7 @@ class FluxJointAttention:
             cos, sin = (f.view(1, f.shape[0], 1, f.shape[1]) for f in rotary)     # [S, d] -> [1, S, 1, d]
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))                  # [B, h, n, d] views
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask).transpose(1, 2)
+        out = attention(q, k, v, attn_mask=attention_mask).transpose(1, 2)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
@@ -124,7 +124,7 @@ class FluxJointAttention:
             keys = text_tokens + split.valid_keys[0]
             k = torch.cat([text_k, image_k], dim=1).transpose(1, 2)[:, :, :keys]
             v = torch.cat([text_v, image_v], dim=1).transpose(1, 2)[:, :, :keys]
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attention(q, k, v)
         out = out.transpose(1, 2)                                                    # [B, T + n, h', d]
         text_out, image_out = out[:, :text_tokens], out[:, text_tokens:]
         if self.ulysses is not None:

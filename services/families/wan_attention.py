@@ -6,8 +6,8 @@ device and the gang run the same kernels, so their numbers agree and their speed
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from services.common.attention import attention
 from services.denoiser.axes import ALONE, AxisGroup
 from services.denoiser.ring import ring_attention
 from services.denoiser.rotary import apply_rotary
@@ -43,7 +43,7 @@ class SequenceParallelAttention:
             out = ring_attention(q, k, v, self.ring, self.valid_keys, self.lse_kernel)
         else:
             keys = self.valid_keys[0] if self.valid_keys else None
-            out = F.scaled_dot_product_attention(q, k[:, :, :keys], v[:, :, :keys])
+            out = attention(q, k[:, :, :keys], v[:, :, :keys])
         out = out.transpose(1, 2)                                           # [B, n, h, d]
         if self.ulysses is not None:
             self.ulysses.inputs_read()

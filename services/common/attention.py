@@ -1,0 +1,161 @@
+"""Which attention kernel runs, chosen once per process by the platform layer and overridable.
+
+Choices:
+- `auto`: the platform's default (`Platform.attention`); today PyTorch's own SDPA dispatch on every platform (on an
+  H200 that is cuDNN's kernel, the fastest exact one at every shape bench/attention.py measures).
+- `native`: PyTorch's SDPA with its own priority order; `cudnn`, `flash`, `efficient`, `math`, `overrideable`:
+  that SDPA kernel first, PyTorch's order after it (a kernel that cannot take a call, e.g. for its dtype or mask,
+  falls through instead of failing).
+- Kernels from other packages, only when installed (never required), run through diffusers' attention dispatcher:
+  `flash-attn` (FlashAttention 2), `flash-attn-3` (FlashAttention 3, Hopper), `xformers`, and the lossy `sage`
+  (SageAttention: int8/fp8 quantised), which runs only when asked for by name and logs its error at start-up.
+
+Selection: `--attention-backend` flag, else `DIFFMESH_ATTENTION_BACKEND`, else `auto`. Stage code calls `attention()`
+where it would call `F.scaled_dot_product_attention`, runs its forward passes inside `scope()` (so diffusers' own
+processors, which call SDPA themselves, take the same kernel), and hands each loaded model to `install()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from services.common.platform import Platform
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_ENV = "DIFFMESH_ATTENTION_BACKEND"
+
+SDPA_KERNELS: dict[str, SDPBackend] = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "overrideable": SDPBackend.OVERRIDEABLE,
+}
+# PyTorch's own order, which follows the preferred kernel (torch/nn/attention: the default priority list).
+_FALLBACK_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                   SDPBackend.CUDNN_ATTENTION, SDPBackend.OVERRIDEABLE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExternalKernel:
+    package: str          # the module that must be importable
+    backend: str          # its name in diffusers' AttentionBackendName
+    lossy: bool = False
+
+
+EXTERNAL_KERNELS: dict[str, ExternalKernel] = {
+    "flash-attn": ExternalKernel("flash_attn", "flash"),
+    "flash-attn-3": ExternalKernel("flash_attn_interface", "_flash_3"),
+    "xformers": ExternalKernel("xformers", "xformers"),
+    "sage": ExternalKernel("sageattention", "sage", lossy=True),
+}
+CHOICES = ("auto", "native", *SDPA_KERNELS, *EXTERNAL_KERNELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionChoice:
+    name: str
+    sdpa_order: tuple[SDPBackend, ...] | None = None     # None: PyTorch's own order
+    external: ExternalKernel | None = None
+
+    @property
+    def lossy(self) -> bool:
+        return self.external is not None and self.external.lossy
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Every SDPA call inside takes this choice's kernel first (diffusers' processors included)."""
+        if self.sdpa_order is None:
+            return contextlib.nullcontext()
+        return sdpa_kernel(list(self.sdpa_order), set_priority=True)
+
+    def install(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Point a diffusers model's own attention processors at an external kernel (SDPA choices need nothing:
+        `scope` reaches them)."""
+        if self.external is not None and hasattr(model, "set_attention_backend"):
+            model.set_attention_backend(self.external.backend)
+        return model
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of [B, heads, tokens, dim] tensors, as F.scaled_dot_product_attention takes them."""
+        if self.external is None:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+        out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask,
+                                    backend=AttentionBackendName(self.external.backend))
+        return out.transpose(1, 2)
+
+
+def resolve_attention(platform: Platform, requested: str | None = None) -> AttentionChoice:
+    """The choice for this process: flag, then $DIFFMESH_ATTENTION_BACKEND, then the platform's default. An unknown
+    name, or an external kernel whose package is not installed, is a ValueError saying so."""
+    name = (requested or os.environ.get(ATTENTION_ENV) or "auto").strip().lower()
+    if name == "auto":
+        name = platform.attention
+    if name not in CHOICES:
+        raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(CHOICES)}")
+    if name == "native":
+        return AttentionChoice(name)
+    if name in SDPA_KERNELS:
+        first = SDPA_KERNELS[name]
+        return AttentionChoice(name, (first, *(kernel for kernel in _FALLBACK_ORDER if kernel != first)))
+    kernel = EXTERNAL_KERNELS[name]
+    if importlib.util.find_spec(kernel.package) is None:
+        raise ValueError(f"attention backend {name!r} needs the {kernel.package!r} package, which is not installed")
+    return AttentionChoice(name, external=kernel)
+
+
+def probe_error(choice: AttentionChoice, device: torch.device, dtype: torch.dtype) -> float:
+    """Largest absolute difference between `choice` and PyTorch's math kernel in float32 on a random probe (a
+    lossy kernel's error, reported at start-up)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 1024, 128, generator=generator) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH):
+        exact = F.scaled_dot_product_attention(q, k, v)
+    with choice.scope():
+        got = choice(*(x.to(device, dtype) for x in (q, k, v)))
+    return float((got.float().cpu() - exact).abs().max())
+
+
+_current: AttentionChoice | None = None
+
+
+def set_attention(platform: Platform, requested: str | None = None) -> AttentionChoice:
+    global _current
+    _current = resolve_attention(platform, requested)
+    logger.info("attention backend: %s", _current.name)
+    return _current
+
+
+def current_attention() -> AttentionChoice:
+    """The process-wide choice (the platform's default until `set_attention`)."""
+    global _current
+    if _current is None:
+        from services.common.platform import current_platform
+
+        _current = resolve_attention(current_platform())
+    return _current
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with the process's chosen kernel ([B, heads, tokens, dim] in and out)."""
+    return current_attention()(query, key, value, attn_mask)
+
+
+@contextlib.contextmanager
+def attention_scope() -> Iterator[AttentionChoice]:
+    choice = current_attention()
+    with choice.scope():
+        yield choice

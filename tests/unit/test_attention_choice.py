@@ -1,0 +1,87 @@
+"""The attention kernel is the platform's choice, overridable by flag and env, and every choice computes attention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+from services.common import attention as attention_module
+from services.common.attention import ATTENTION_ENV, CHOICES, resolve_attention
+from services.common.platform import PLATFORMS
+from services.common.tiny_model import write_tiny_model
+from services.denoiser.engine import DenoiserEngine
+from services.families.base import Sampling
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch):
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    yield
+    attention_module._current = None
+
+
+def test_auto_is_the_platforms_default_and_flag_beats_env(monkeypatch):
+    cpu = PLATFORMS["cpu"]
+    assert resolve_attention(cpu).name == cpu.attention
+    assert resolve_attention(dataclasses.replace(cpu, attention="math")).name == "math"
+    monkeypatch.setenv(ATTENTION_ENV, "efficient")
+    assert resolve_attention(cpu).name == "efficient"
+    assert resolve_attention(cpu, "flash").name == "flash"
+    for kind in ("xpu", "cuda", "cpu"):         # every platform's default is a valid choice
+        assert PLATFORMS[kind].attention in CHOICES
+
+
+def test_a_chosen_kernel_goes_first_and_the_rest_stay_as_fallbacks():
+    choice = resolve_attention(PLATFORMS["cpu"], "math")
+    assert choice.sdpa_order[0] == SDPBackend.MATH
+    assert sorted(map(int, choice.sdpa_order)) == list(range(5))
+    with choice.scope():
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.MATH)
+    assert resolve_attention(PLATFORMS["cpu"], "native").sdpa_order is None
+
+
+def test_unknown_or_missing_kernels_fail_naming_them():
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'.*expected one of"):
+        resolve_attention(PLATFORMS["cpu"], "fast")
+    with pytest.raises(ValueError, match="'sage' needs the 'sageattention' package"):
+        resolve_attention(PLATFORMS["cpu"], "sage")
+    assert resolve_attention.__module__ == "services.common.attention"
+
+
+@pytest.mark.parametrize("name", ["native", "math", "flash"])
+def test_every_cpu_choice_computes_attention(name):
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    choice = resolve_attention(PLATFORMS["cpu"], name)
+    with choice.scope():
+        got = choice(q, k, v)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_the_denoiser_runs_the_chosen_kernel(tmp_path, monkeypatch):
+    """The engine's steps run inside the choice's scope, one scope per step; a kernel PyTorch does not pick by
+    itself on CPU (math) leaves the latents within float32 rounding of the default's."""
+    from services.common.models import resolve_model_dir
+    from services.encoder.engine import EncodeParams, EncoderEngine
+
+    cpu = PLATFORMS["cpu"]
+    model = resolve_model_dir(write_tiny_model(tmp_path / "wan"))
+    tensors = EncoderEngine(model, cpu).encode(EncodeParams("r", "a cat", "", 5.0))
+    params = Sampling("r", 32, 32, 1, 2, 5.0, 3)
+    seen: list[str] = []
+    real_scope = attention_module.AttentionChoice.scope
+
+    def spy(self):
+        seen.append(self.name)
+        return real_scope(self)
+
+    monkeypatch.setattr(attention_module.AttentionChoice, "scope", spy)
+    latents = {}
+    for name in ("native", "math"):
+        attention_module.set_attention(cpu, name)
+        latents[name] = DenoiserEngine(model, cpu).denoise(params, tensors)
+    assert seen == ["native", "native", "math", "math"]
+    torch.testing.assert_close(latents["math"], latents["native"], atol=1e-4, rtol=1e-4)
