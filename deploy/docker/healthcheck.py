@@ -6,10 +6,17 @@
 
 Exit 0 when healthy, 1 otherwise, with one line on stderr saying why. No curl or grpc_health_probe needed:
 it uses the grpcio and grpcio-health-checking packages already in the image, or the standard library.
+
+With the server's TLS env set (DIFFMESH_TLS_CERT, DIFFMESH_TLS_KEY, DIFFMESH_TLS_CA) it speaks TLS, verifies the
+server against the CA and presents the same certificate, as a stage under mutual TLS requires (the certificate
+must name 127.0.0.1 or localhost). Kubernetes' native gRPC probes cannot do TLS, so the manifests run this as an
+exec probe.
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -19,7 +26,16 @@ def check_grpc(target: str, timeout: float) -> str | None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    cert, key, ca = (os.environ.get(f"DIFFMESH_TLS_{part}") or None for part in ("CERT", "KEY", "CA"))
+    if cert or ca:
+        def read(path: str | None) -> bytes | None:
+            return open(path, "rb").read() if path else None
+
+        credentials = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError as error:
@@ -30,8 +46,10 @@ def check_grpc(target: str, timeout: float) -> str | None:
 
 
 def check_http(url: str, timeout: float) -> str | None:
+    ca = os.environ.get("DIFFMESH_TLS_CA") or None
+    context = ssl.create_default_context(cafile=ca) if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             if 200 <= response.status < 300:
                 return None
             return f"{url}: HTTP {response.status}"
