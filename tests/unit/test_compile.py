@@ -1,0 +1,65 @@
+"""`--compile`: the repeated blocks go through torch.compile (dynamo traces diffmesh's own attention processors
+too), warm-up sizes compile at start-up, and an un-warmed size still runs, saying so. On CPU the test compiles with
+dynamo's `eager` backend (tracing without code generation: seconds, not minutes); the GPU benchmark
+(bench/compile.py) uses inductor and reports the difference from eager."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+import torch
+
+from services.common.models import resolve_model_dir
+from services.common.platform import PLATFORMS
+from services.common.tiny_model import write_tiny_model
+from services.denoiser.compile import CompileOptions, add_compile_arguments, compile_from_args, parse_sizes
+from services.denoiser.engine import DenoiserEngine
+from services.encoder.engine import EncodeParams, EncoderEngine
+from services.families.base import Sampling
+
+
+def test_flags():
+    parser = add_compile_arguments(argparse.ArgumentParser())
+    assert compile_from_args(parser.parse_args([])) is None
+    options = compile_from_args(parser.parse_args(["--compile", "--warmup-sizes", "832x480x81,64x32"]))
+    assert options == CompileOptions(mode=None, backend="inductor", warmup_sizes=((832, 480, 81), (64, 32, 1)))
+    assert compile_from_args(parser.parse_args(["--compile=max-autotune"])).mode == "max-autotune"
+    with pytest.raises(ValueError, match="--warmup-sizes needs --compile"):
+        compile_from_args(parser.parse_args(["--warmup-sizes", "32x32"]))
+    with pytest.raises(argparse.ArgumentTypeError, match="not WIDTHxHEIGHT"):
+        parse_sizes("32by32")
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    model = resolve_model_dir(write_tiny_model(tmp_path_factory.mktemp("compile") / "wan"))
+    tensors = EncoderEngine(model, PLATFORMS["cpu"]).encode(EncodeParams("r", "a cat", "", 5.0))
+    return model, tensors
+
+
+def test_compiled_blocks_equal_eager_and_warm_up_at_start(wan, caplog):
+    model, tensors = wan
+    torch._dynamo.reset()
+    params = Sampling("r", 32, 32, 1, 2, 5.0, 7)
+    eager = DenoiserEngine(model, PLATFORMS["cpu"]).denoise(params, tensors)
+    with caplog.at_level(logging.INFO, logger="services.denoiser.engine"):
+        engine = DenoiserEngine(model, PLATFORMS["cpu"],
+                                compile=CompileOptions(backend="eager", warmup_sizes=((32, 32, 1),)))
+        blocks = [block for block in engine.denoising.transformer.blocks]
+        assert all(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
+        assert "compiled 32x32x1" in caplog.text
+        caplog.clear()
+        compiled = engine.denoise(params, tensors)
+        assert "not in --warmup-sizes" not in caplog.text             # warmed up: no compile on the request
+        other = engine.denoise(Sampling("r2", 48, 32, 1, 2, 5.0, 7), tensors)
+        assert "compiling the blocks for 48x32x1" in caplog.text       # not warmed up: still served, and said
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert other.shape[-1] == 48 // 8
+
+
+def test_a_warm_up_size_the_model_cannot_take_fails_start_up(wan):
+    model, _ = wan
+    with pytest.raises(ValueError, match="--warmup-sizes 33x32x1: width"):
+        DenoiserEngine(model, PLATFORMS["cpu"], compile=CompileOptions(backend="eager", warmup_sizes=((33, 32, 1),)))
