@@ -37,17 +37,32 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev_ca(args: argparse.Namespace) -> int:
+    from services.common.devca import make_dev_ca
+
+    files = make_dev_ca(args.dir, args.name)
+    print(f"wrote a development CA to {args.dir}: CA {files.ca}; server {files.server_cert} + {files.server_key} "
+          f"(every stage and the gateway: --tls-cert/--tls-key/--tls-ca); client {files.client_cert} + "
+          f"{files.client_key}")
+    return 0
+
+
 class Mesh:
     """The four services as child processes; any one dying stops them all."""
 
     def __init__(self) -> None:
         self.children: dict[str, subprocess.Popen] = {}
 
-    def spawn(self, name: str, argv: list[str], stage: str | None = None) -> None:
-        """Start `stage` (default: `name`) as the child called `name`."""
+    def spawn(self, name: str, argv: list[str], stage: str | None = None, env: dict[str, str] | None = None) -> None:
+        """Start `stage` (default: `name`) as the child called `name`, with `env` added to ours. The child ends
+        when we do, however we end (services/common/lifeline.py; spawned from the main thread, which Linux's
+        parent-death signal ties it to)."""
+        from services.common.lifeline import child_env
+
         # Own process group, so a Ctrl-C in the terminal reaches only us and we stop children in order.
         self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", STAGE_MODULES[stage or name], *argv], start_new_session=True
+            [sys.executable, "-m", STAGE_MODULES[stage or name], *argv], start_new_session=True,
+            env=child_env({**os.environ, **(env or {})}),
         )
 
     def wait_for_file(self, name: str, path: pathlib.Path, timeout: float) -> str:
@@ -96,8 +111,19 @@ def gang_flags(args: argparse.Namespace) -> list[str]:
 STAGES = ("encoder", "denoiser", "decoder")
 
 
+def denoiser_speed_flags(args: argparse.Namespace) -> list[str]:
+    """`diffmesh up`'s attention and compile flags, passed on to the denoiser (which validates them)."""
+    flags = ["--attention-backend", args.attention_backend] if args.attention_backend else []
+    if args.compile is not None:
+        flags.append(f"--compile={args.compile}")
+    if args.warmup_sizes:
+        flags += ["--warmup-sizes", args.warmup_sizes]
+    return flags
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.common.models import resolve_model_dir
+    from services.gateway.config import default_data_dir
 
     # Written here, before any stage starts, so the stages never race to create the same directory.
     models = [resolve_model_dir(path) for path in (args.model or [None])]
@@ -116,16 +142,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     with tempfile.TemporaryDirectory(prefix="diffmesh-up-") as tmp:
         ports = pathlib.Path(tmp)
+        tls_flags: list[str] = []
+        if args.tls:
+            from services.common.devca import make_dev_ca
+
+            # Every process serves and presents the one server certificate; stages take only clients it signed.
+            dev_ca = make_dev_ca(args.tls_dir or ports / "tls", [args.host])
+            tls_flags = ["--tls-cert", str(dev_ca.server_cert), "--tls-key", str(dev_ca.server_key),
+                         "--tls-ca", str(dev_ca.ca)]
         try:
             # Each model has its own stage processes: its pools scale, fail and restart on their own.
             for index, model in enumerate(models):
-                common = ["--model", str(model.path), "--model-name", model.name, "--host", args.host]
+                common = ["--model", str(model.path), "--model-name", model.name, "--host", args.host, *tls_flags]
                 if args.device:
                     common += ["--device", args.device]
                 if args.dtype:
                     common += ["--dtype", args.dtype]
                 for stage in STAGES:
                     extra = gang_flags(args) if stage == "denoiser" else []
+                    if stage == "denoiser":
+                        extra += denoiser_speed_flags(args)
                     port_file = ports / f"{index}-{stage}"
                     mesh.spawn(f"{model.name}/{stage}", [*common, *extra, "--port", "0", "--port-file",
                                                          str(port_file)], stage)
@@ -145,14 +181,25 @@ def cmd_up(args: argparse.Namespace) -> int:
                 gateway_argv += ["--default-size", args.default_size]
             if args.default_steps:
                 gateway_argv += ["--default-steps", str(args.default_steps)]
-            mesh.spawn("gateway", gateway_argv)
+            gateway_argv += ["--data-dir", str(args.data_dir or default_data_dir())]
+            if args.rate_limit:
+                gateway_argv += ["--rate-limit", str(args.rate_limit)]
+            # Keys travel in the child's environment, not its argv, which every user of the host can list.
+            mesh.spawn("gateway", [*gateway_argv, *tls_flags],
+                       env={"DIFFMESH_API_KEYS": ",".join(args.api_key)} if args.api_key else None)
             grpc_port, http_port = mesh.wait_for_file("gateway", ports / "gateway", args.start_timeout).split()
-            wait_healthy(f"http://{args.host}:{http_port}/health", mesh, args.start_timeout)
+            scheme = "https" if args.tls else "http"
+            wait_healthy(f"{scheme}://{args.host}:{http_port}/health", mesh, args.start_timeout,
+                         dev_ca.ca if args.tls else None)
+            if args.tls:
+                print(f"diffmesh tls: ca={dev_ca.ca} client-cert={dev_ca.client_cert} client-key={dev_ca.client_key}"
+                      f" (mutual TLS between the gateway and the stages; clients of the gateway need only the CA)",
+                      flush=True)
             for model, stages in zip(models, addresses, strict=True):
                 listed = " ".join(f"{stage}={address}" for stage, address in stages.items())
                 print(f"diffmesh serves: model={model.name} {listed}", flush=True)
             first = " ".join(f"{stage}={address}" for stage, address in addresses[0].items())
-            print(f"{READY_PREFIX} gateway grpc={args.host}:{grpc_port} http=http://{args.host}:{http_port} "
+            print(f"{READY_PREFIX} gateway grpc={args.host}:{grpc_port} http={scheme}://{args.host}:{http_port} "
                   f"model={models[0].name} {first}", flush=True)
             while not stop_requested:
                 mesh.check_alive()
@@ -166,12 +213,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             mesh.stop()
 
 
-def wait_healthy(url: str, mesh: Mesh, timeout: float) -> None:
+def wait_healthy(url: str, mesh: Mesh, timeout: float, ca: pathlib.Path | None = None) -> None:
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         mesh.check_alive()
         try:
-            with urllib.request.urlopen(url, timeout=5) as reply:
+            with urllib.request.urlopen(url, timeout=5, context=context) as reply:
                 if reply.status == 200:
                     return
         except OSError:
@@ -210,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          ("num_inference_steps", args.steps), ("true_cfg_scale", args.true_cfg_scale)):
         if value is not None:
             setattr(request, field, value)
-    client = GatewayClient(args.gateway)
+    client = GatewayClient(args.gateway, tls_ca=args.tls_ca, api_key=args.api_key, tls=args.tls)
     bar = tqdm(total=100, unit="%", desc="generating", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}% {postfix}")
 
     def on_progress(event) -> None:
@@ -251,12 +301,29 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default=None, help="auto, xpu, cuda or cpu")
     up.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights dtype (auto: float32 on cpu, bfloat16 on accelerators)")
+    up.add_argument("--attention-backend", default=None, metavar="NAME",
+                    help="the denoiser's attention kernel (auto, native, cudnn, flash, efficient, math, ...)")
+    up.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="compile the denoiser's repeated transformer blocks (optional torch.compile mode)")
+    up.add_argument("--warmup-sizes", default=None, metavar="WxH[xF],...",
+                    help="sizes the denoiser compiles at start-up, before serving (with --compile)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--default-size", default=None, metavar="WxH", help="size when a request gives none")
     up.add_argument("--default-steps", type=int, default=None, help="steps when a request gives none")
+    up.add_argument("--data-dir", default=None,
+                    help="the gateway's jobs database and outputs (default $DIFFMESH_HOME/data): jobs left unfinished "
+                    "resume at the next `up` on the same directory")
     up.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for every service")
+    up.add_argument("--tls", action="store_true",
+                    help="mutual TLS between every process, and TLS on the gateway's gRPC and HTTPS, on a development "
+                    "CA made at start (prints where its CA file and a client certificate are)")
+    up.add_argument("--tls-dir", default=None, metavar="DIR",
+                    help="where --tls writes the development CA (default: a temporary directory removed on exit)")
+    up.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                    help="an API key the gateway requires (repeat for several; env DIFFMESH_API_KEYS works too)")
+    up.add_argument("--rate-limit", type=float, default=None, metavar="N", help="requests per minute per API key")
     gang = up.add_argument_group("denoiser gang",
                                  "the denoiser on several devices (devices = cfg x ring x ulysses x tp)")
     gang.add_argument("--devices", type=int, default=None, help="devices in the denoiser gang (default 1)")
@@ -282,9 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG with --negative-prompt (FLUX)")
     gen.add_argument("--image", default=None, metavar="FILE", help="conditioning image (image-to-video models)")
     gen.add_argument("--gateway", default=os.environ.get("DIFFMESH_GATEWAY", "127.0.0.1:50051"))
+    gen.add_argument("--tls-ca", default=os.environ.get("DIFFMESH_TLS_CA") or None, metavar="PEM",
+                     help="talk TLS to the gateway, verifying it against this CA (env DIFFMESH_TLS_CA)")
+    gen.add_argument("--tls", action="store_true", help="talk TLS to the gateway, verified by the system's roots")
+    gen.add_argument("--api-key", default=os.environ.get("DIFFMESH_API_KEY") or None, metavar="KEY",
+                     help="sent as 'authorization: Bearer KEY' (env DIFFMESH_API_KEY)")
     gen.add_argument("--timeout", type=float, default=3600.0)
     gen.add_argument("-o", "--output", required=True, help="FILE.png or FILE.mp4")
     gen.set_defaults(func=cmd_generate)
+
+    dev_ca = sub.add_parser("dev-ca", help="write a development CA, a server and a client certificate (mutual TLS)")
+    dev_ca.add_argument("dir")
+    dev_ca.add_argument("--name", action="append", default=[], metavar="NAME",
+                        help="another DNS name or IP address for the server certificate (repeatable; localhost, "
+                        "127.0.0.1, ::1 and this host's name are always in it)")
+    dev_ca.set_defaults(func=cmd_dev_ca)
 
     from services.common.tiny import WRITERS
 

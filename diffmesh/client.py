@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Callable
 
 import grpc
@@ -24,11 +25,19 @@ ProgressCallback = Callable[[gateway_pb2.GenerateEvent], None]
 
 
 class GatewayClient:
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
+    """`tls_ca`: a CA file to verify a TLS gateway against (`tls=True` alone: the system's roots); `api_key`: sent
+    as `authorization: Bearer KEY` with every call."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", tls_ca: str | None = None, api_key: str | None = None,
+                 tls: bool = False) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 16 << 20)]
-        )
+        options = [("grpc.max_receive_message_length", 16 << 20)]
+        if tls or tls_ca:
+            root = pathlib.Path(tls_ca).read_bytes() if tls_ca else None
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def generate(
@@ -44,7 +53,7 @@ class GatewayClient:
         assembler = TensorAssembler()
         media: dict[int, tuple[str, list[bytes]]] = {}
         job_id, seed, elapsed = "", 0, 0.0
-        for event in self.stub.Generate(request, timeout=timeout):
+        for event in self.stub.Generate(request, timeout=timeout, metadata=self.metadata):
             kind = event.WhichOneof("item")
             if kind == "accepted":
                 job_id, seed = event.accepted.job_id, event.accepted.seed
@@ -61,7 +70,8 @@ class GatewayClient:
         return GenerationResult(job_id, seed, outputs, assembler.finish(), elapsed)
 
     def list_models(self) -> list[str]:
-        return [m.id for m in self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models]
+        reply = self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10, metadata=self.metadata)
+        return [m.id for m in reply.models]
 
     def close(self) -> None:
         self.channel.close()

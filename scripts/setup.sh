@@ -9,3 +9,11 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install -q "${DIFFMESH_TORCH:-torch==2.13.0}"
 fi
 "$PYTHON" -m pip install -q -e ".[dev]"
+# PostgreSQL's server binaries, for the job store's tests against a real PostgreSQL (tests/unit/
+# test_job_database.py starts a throwaway cluster): Debian's package, only when missing and we can install it
+# (root, apt-get). Without them those tests are skipped and say why.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
+    >/dev/null 2>&1 || echo "setup.sh: could not install postgresql; its tests will be skipped" >&2
+fi

@@ -95,7 +95,7 @@ class GenerateEvent(_message.Message):
     def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., media: _Optional[_Union[_tensor_pb2.MediaChunk, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., completed: _Optional[_Union[JobCompleted, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "model", "status", "progress", "error", "created_at", "completed_at", "width", "height", "num_frames")
+    __slots__ = ("id", "model", "status", "progress", "error", "created_at", "completed_at", "width", "height", "num_frames", "queue_position")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class Job(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     status: JobStatus
@@ -116,7 +117,8 @@ class Job(_message.Message):
     width: int
     height: int
     num_frames: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., progress: _Optional[float] = ..., error: _Optional[str] = ..., created_at: _Optional[int] = ..., completed_at: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ...) -> None: ...
+    queue_position: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., progress: _Optional[float] = ..., error: _Optional[str] = ..., created_at: _Optional[int] = ..., completed_at: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -37,6 +37,13 @@ class NotFound(MeshError):
     http_status = 404
 
 
+class Unauthenticated(MeshError):
+    """No API key, or one the gateway does not know. Checked before any work: the stages never see the request."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
 class ResourceExhausted(MeshError):
     """Over a limit for now: the client should come back after `retry_after_s` (REST `Retry-After`, gRPC
     `google.rpc.RetryInfo`)."""
@@ -87,6 +94,7 @@ _FROM_GRPC: dict[grpc.StatusCode, type[MeshError]] = {
 
 HTTP_STATUS_BY_GRPC: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,

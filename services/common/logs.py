@@ -53,4 +53,9 @@ def request_context(request_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        request_id_var.reset(token)
+        try:
+            request_id_var.reset(token)
+        except ValueError:
+            # A streaming handler closed from another task (its client went away) ends in that task's context,
+            # where this token does not belong; that context keeps its own value.
+            pass

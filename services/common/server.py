@@ -1,7 +1,8 @@
 """gRPC server start-up shared by every stage: aio server, health, reflection, error mapping, draining.
 
 A stage's `serve()` builds its servicer and calls `run_server`, which reports SERVING only once the model is
-loaded and, on SIGTERM/SIGINT, flips health to NOT_SERVING and lets in-flight requests finish (`grace`).
+loaded and, on SIGTERM/SIGINT, flips health to NOT_SERVING, still answers for a short drain delay (so watching
+gateways move away first), then refuses new calls and lets in-flight requests finish (`grace`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import datetime
 import functools
 import inspect
+import ipaddress
 import logging
 import signal
 import uuid
@@ -24,7 +26,16 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from services.common.errors import Internal, InvalidArgument, MeshError, ResourceExhausted
+from services.common.grpc_guard import (
+    DEFAULT_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DecodeGuard,
+    server_options,
+)
+from services.common.lifeline import end_with_parent
+from services.common.limits import check_request_id
 from services.common.logs import request_context
+from services.common.tls import TlsFiles, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +49,20 @@ CHANNEL_OPTIONS = [
 
 
 def request_id_from(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id` once checked (InvalidArgument naming it otherwise: it goes into every log line and
+    on to the next stage's metadata), or a new one."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY:
-            return str(value)
+            return check_request_id(value if isinstance(value, str) else "", REQUEST_ID_KEY)
     return uuid.uuid4().hex[:16]
+
+
+async def _checked_request_id(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return request_id_from(context)
+    except InvalidArgument as error:
+        await context.abort_with_status(status_of(error))
+        raise   # abort_with_status always raises; this keeps type checkers sure the id is a str
 
 
 def status_of(error: MeshError) -> grpc.Status:
@@ -77,8 +98,9 @@ def rpc_method(method: Callable) -> Callable:
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-            request_id = request_id_from(context)
+            request_id = await _checked_request_id(context)
             with request_context(request_id):
+                logger.info("%s called", method.__name__)    # the access log: which requests a server saw
                 try:
                     async for item in method(self, request, context):
                         yield item
@@ -92,8 +114,9 @@ def rpc_method(method: Callable) -> Callable:
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-        request_id = request_id_from(context)
+        request_id = await _checked_request_id(context)
         with request_context(request_id):
+            logger.info("%s called", method.__name__)
             try:
                 return await method(self, request, context)
             except asyncio.CancelledError:
@@ -104,12 +127,54 @@ def rpc_method(method: Callable) -> Callable:
     return unary_wrapper
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this host can reach (a name is resolved by nobody here: only localhost counts)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# After SIGTERM, how long a server still takes new calls while its health says NOT_SERVING (at most the grace).
+DRAIN_DELAY_S = 1.0
+
+
+class DrainingHealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer, whose Watch streams end when the server stops taking calls: each gateway keeps
+    one open per replica, and left open they would hold `server.stop()` for the whole grace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ending = asyncio.Event()
+        self.watchers = 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self._ending.wait())
+        self.watchers += 1
+        try:
+            await asyncio.wait({watch, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                watch.result()
+        finally:
+            self.watchers -= 1
+            watch.cancel()
+            ending.cancel()
+
+    def end_watches(self) -> None:
+        self._ending.set()
+
+
 class StartupError(Exception):
     """A server cannot start (port taken, model missing, device unavailable): reported in one line, no traceback."""
 
 
 def run_until_stopped(coroutine) -> None:
-    """asyncio.run for a server's main; a StartupError exits 1 with its message instead of a traceback."""
+    """asyncio.run for a server's main; a StartupError exits 1 with its message instead of a traceback. A server
+    started by `diffmesh up` or the gang launcher ends when that parent dies (lifeline)."""
+    end_with_parent()
     try:
         asyncio.run(coroutine)
     except StartupError as error:
@@ -124,6 +189,7 @@ class AdmissionGate:
     def __init__(self, stage: str, concurrency: int = 1, max_queue: int = 16) -> None:
         self._stage = stage
         self._semaphore = asyncio.Semaphore(concurrency)
+        self.concurrency, self.max_queue = concurrency, max_queue
         self._capacity = concurrency + max_queue
         self._admitted = 0
 
@@ -156,19 +222,36 @@ async def run_server(
     on_started: Callable[[int], None] | None = None,
     stop_event: asyncio.Event | None = None,
     handle_signals: bool = True,
+    on_stopping: Callable[[], None] | None = None,
+    always_drain: bool = False,
+    tls: TlsFiles | None = None,
+    require_client_cert: bool = True,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
 ) -> None:
     """Serve `services` = [(add_XServicer_to_server, servicer, full service name)] with health and reflection,
-    until SIGTERM/SIGINT (unless `handle_signals` is false) or `stop_event`; then drain for up to
-    `grace_seconds`."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    health_servicer = health.aio.HealthServicer()
+    until SIGTERM/SIGINT (unless `handle_signals` is false) or `stop_event`; then drain: `on_stopping()` and
+    NOT_SERVING at once, new calls still taken for DRAIN_DELAY_S while anyone watches health, in-flight ones
+    finished within `grace_seconds`. With `tls` holding a certificate the port serves TLS only; with its CA too (and
+    `require_client_cert`), mutual TLS: a client without a certificate signed by the CA fails the handshake."""
+    # Every method answers a message that does not parse with INVALID_ARGUMENT; idle and half-open connections close.
+    server = grpc.aio.server(options=CHANNEL_OPTIONS + server_options(idle_timeout_s, handshake_timeout_s),
+                             interceptors=[DecodeGuard(status_of)])
+    health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [name for _, _, name in services]
     for add_to_server, servicer, _ in services:
         add_to_server(servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{host}:{port}"
+    secure = tls is not None and tls.serves_tls
+    if not secure and not is_loopback(host):
+        logger.warning("serving plaintext gRPC on %s: anyone who can reach it can call it (see --tls-cert)", host)
     try:
-        bound_port = server.add_insecure_port(f"{host}:{port}")
+        if secure:
+            bound_port = server.add_secure_port(address, server_credentials(tls, require_client_cert))
+        else:
+            bound_port = server.add_insecure_port(address)
     except RuntimeError:
         bound_port = 0
     if bound_port == 0:
@@ -176,7 +259,8 @@ async def run_server(
     await server.start()
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving %s on %s:%d", ", ".join(names), host, bound_port)
+    mode = ("mutual TLS" if tls.ca and require_client_cert else "TLS") if secure else "plaintext"
+    logger.info("serving %s on %s:%d (%s)", ", ".join(names), host, bound_port, mode)
     if on_started is not None:
         on_started(bound_port)
 
@@ -188,8 +272,18 @@ async def run_server(
     server_done = asyncio.ensure_future(server.wait_for_termination())
     stop_wait = asyncio.ensure_future(stop.wait())
     await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-    logger.info("shutting down: draining in-flight requests for up to %.0fs", grace_seconds)
+    # NOT_SERVING at once, while still answering for a moment: the gateways watching this server's health move
+    # their new calls elsewhere before it refuses any. Then no new calls; in-flight ones finish within the grace.
+    if on_stopping is not None:
+        on_stopping()
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_seconds)
+    # The delay is for the clients watching; with none (a stage whose gateways have gone) there is no one to tell.
+    # `always_drain`: the gateway, whose REST /health pollers cannot be counted.
+    drain_s = min(DRAIN_DELAY_S, grace_seconds) if always_drain or health_servicer.watchers else 0.0
+    logger.info("shutting down: NOT_SERVING; refusing new calls in %.1fs, in-flight ones get up to %.0fs",
+                drain_s, grace_seconds)
+    await asyncio.sleep(drain_s)
+    health_servicer.end_watches()
+    await server.stop(max(0.0, grace_seconds - drain_s))
     stop_wait.cancel()
     logger.info("stopped")

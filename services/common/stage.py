@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 
 import torch
 
 from services.common import logs
+from services.common.admission import admission_service
+from services.common.attention import probe_error, set_attention
 from services.common.models import ModelDir, resolve_model_dir
 from services.common.platform import Platform, set_platform
 from services.common.server import StartupError, run_server, run_until_stopped
+from services.common.tls import TlsFiles, add_tls_arguments, tls_from_args
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,20 +32,39 @@ def add_stage_arguments(parser: argparse.ArgumentParser, default_port: int) -> a
     parser.add_argument("--device", default=None, help="auto, xpu, cuda or cpu (default: $DIFFMESH_DEVICE or auto)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weights dtype (auto: float32 on cpu, bfloat16 on accelerators)")
+    parser.add_argument("--attention-backend", default=None, metavar="NAME",
+                        help="attention kernel of the transformer: auto (the platform's), native, cudnn, flash, "
+                        "efficient, math, overrideable, or if installed flash-attn, flash-attn-3, xformers, sage "
+                        "(lossy) (default: $DIFFMESH_ATTENTION_BACKEND or auto)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the one running")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     parser.add_argument("--port-file", default=None, help="write the bound port here once serving (for tests)")
-    return parser
+    return add_tls_arguments(parser)
+
+
+def stage_tls(args: argparse.Namespace) -> TlsFiles | None:
+    """The stage's TLS files (None: plaintext); a bad combination or an unreadable file fails start-up."""
+    try:
+        return tls_from_args(args, server=True)
+    except ValueError as error:
+        raise StartupError(str(error)) from None
 
 
 def setup_stage(service: str, args: argparse.Namespace) -> tuple[Platform, ModelDir, torch.dtype | None]:
     logs.configure(service)
+    stage_tls(args)      # before the model loads: a bad TLS flag fails in a second, not after minutes
     try:
         platform = set_platform(args.device)
+        attention = set_attention(platform, args.attention_backend)
         model = resolve_model_dir(args.model, args.model_name)
     except (ValueError, RuntimeError, OSError) as error:
         raise StartupError(str(error)) from error
-    return platform, model, DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
+    if attention.lossy:
+        error = probe_error(attention, platform.device(), dtype or platform.default_dtype())
+        logger.warning("attention backend %s is lossy: max abs error %.3g against exact attention on a random "
+                       "probe (1x4x1024x128)", attention.name, error)
+    return platform, model, dtype
 
 
 def write_port_file(path: str, text: str) -> None:
@@ -59,13 +84,17 @@ class StageSpec:
     engine_class: type                          # (ModelDir, Platform, dtype) -> engine
     servicer_class: type                        # (engine, max_queue) -> servicer
     add_to_server: Callable                     # the generated add_XServicer_to_server
+    # The stage's own flags, and the engine keyword arguments they give (e.g. the decoder's VAE tiling).
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    engine_options: Callable[[argparse.Namespace], dict] | None = None
 
 
 async def serve_stage(spec: StageSpec, args: argparse.Namespace) -> None:
     """Load the model, then serve until SIGTERM. Health turns SERVING only once the engine is ready."""
     platform, model, dtype = setup_stage(spec.name, args)
     try:
-        engine = spec.engine_class(model, platform, dtype)
+        options = spec.engine_options(args) if spec.engine_options else {}
+        engine = spec.engine_class(model, platform, dtype, **options)
     except (ValueError, OSError) as error:      # e.g. a pipeline no family serves, a component missing
         raise StartupError(str(error)) from error
     await serve_engine(spec, args, engine)
@@ -76,12 +105,14 @@ async def serve_engine(spec: StageSpec, args: argparse.Namespace, engine) -> Non
     servicer = spec.servicer_class(engine, args.max_queue)
     port_file = args.port_file
     await run_server(
-        services=[(spec.add_to_server, servicer, spec.service_name)],
-        host=args.host, port=args.port, grace_seconds=args.grace,
+        services=[(spec.add_to_server, servicer, spec.service_name), *admission_service(servicer)],
+        host=args.host, port=args.port, grace_seconds=args.grace, tls=stage_tls(args),
         on_started=(lambda port: write_port_file(port_file, str(port))) if port_file else None,
     )
 
 
 def stage_main(spec: StageSpec, argv: list[str] | None = None) -> None:
     parser = add_stage_arguments(argparse.ArgumentParser(prog=f"diffmesh serve {spec.name}"), spec.default_port)
+    if spec.add_arguments:
+        spec.add_arguments(parser)
     run_until_stopped(serve_stage(spec, parser.parse_args(argv)))

@@ -14,12 +14,19 @@ import torch
 
 from diffmesh.v1 import tensor_pb2
 from services.common.errors import InvalidArgument
+from services.common.memory import release_memory
 
 # About 1 MiB: gRPC Python on loopback moves 1 MiB stream chunks ~3x faster than one big message (DESIGN.md).
 CHUNK_BYTES = 1 << 20
 MAX_RANK = 8
-# Bound on one tensor's size so a corrupt or hostile shape cannot make a stage allocate without limit.
-MAX_TENSOR_BYTES = 8 << 30
+# Bound on what one stream may declare (one tensor, and all of a stream's tensors together), checked on each tensor's
+# first chunk before a byte of it is buffered, so a corrupt or hostile shape cannot make a stage allocate without
+# limit. The largest tensor the gateway sends at its default --max-output-pixels (1280x720x161) is the decoder's
+# latents, about 38 MB; 1 GiB leaves room for gateways configured far beyond that.
+MAX_TENSOR_BYTES = 1 << 30
+# After a stream that carried this much (received or refused), freed memory goes back to the OS (memory.py): blocks
+# below glibc's 32 MiB mmap threshold would otherwise stay resident.
+RELEASE_AFTER_BYTES = 8 << 20
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -115,16 +122,22 @@ def iter_media_chunks(index: int, mime_type: str, data: bytes) -> Iterator[tenso
 class TensorAssembler:
     """Reassembles named tensors from TensorChunks, validating as bytes arrive (not only at the end).
 
-    Feed chunks in stream order with `add`; it returns (name, tensor) when a tensor completes, else None.
+    Feed chunks in stream order with `add`; it returns (name, tensor) when a tensor completes, else None. Each
+    tensor's bytes are copied into one buffer of its declared size, allocated at its first chunk but touched (made
+    resident) only as bytes arrive; the tensor is a view of it, so nothing is copied twice or grown by doubling.
     """
 
-    def __init__(self, allowed_names: Iterable[str] | None = None) -> None:
+    def __init__(self, allowed_names: Iterable[str] | None = None, max_bytes: int = MAX_TENSOR_BYTES) -> None:
         self._allowed = set(allowed_names) if allowed_names is not None else None
+        self._max_bytes = max_bytes
+        self._declared = 0              # bytes the stream's tensors declare, all together
+        self.received = 0               # bytes that arrived
         self._name: str | None = None
         self._dtype = ""
         self._shape: list[int] = []
         self._expected = 0
-        self._buffer = bytearray()
+        self._filled = 0
+        self._buffer: torch.Tensor | None = None
         self.tensors: dict[str, torch.Tensor] = {}
 
     @property
@@ -137,21 +150,25 @@ class TensorAssembler:
             self._start(chunk)
         elif chunk.name != self._name:
             raise InvalidArgument("tensor.name", f"chunk of {chunk.name!r} arrived before {self._name!r} was complete")
-        self._buffer += chunk.data
-        if len(self._buffer) > self._expected:
+        size = len(chunk.data)
+        self.received += size
+        if self._filled + size > self._expected:
             raise InvalidArgument(
                 f"{self._name}.data", f"more than the {self._expected} bytes that {self._dtype}{self._shape} holds"
             )
+        if size:
+            self._buffer.numpy()[self._filled : self._filled + size] = memoryview(chunk.data)
+            self._filled += size
         if not chunk.last:
             return None
         name = self._name
-        if len(self._buffer) != self._expected:
+        if self._filled != self._expected:
             raise InvalidArgument(
-                f"{name}.data", f"{len(self._buffer)} bytes do not match {self._dtype}{self._shape} ({self._expected})"
+                f"{name}.data", f"{self._filled} bytes do not match {self._dtype}{self._shape} ({self._expected})"
             )
-        tensor = _from_bytes(self._dtype, self._shape, self._buffer)
+        tensor = self._buffer.view(DTYPES[self._dtype]).reshape(self._shape)
         self.tensors[name] = tensor
-        self._name, self._buffer = None, bytearray()
+        self._name, self._buffer = None, None
         return name, tensor
 
     def _start(self, chunk: tensor_pb2.TensorChunk) -> None:
@@ -162,7 +179,16 @@ class TensorAssembler:
         if chunk.name in self.tensors:
             raise InvalidArgument("tensor.name", f"tensor {chunk.name!r} sent twice")
         self._expected = expected_nbytes(chunk.dtype, chunk.shape, chunk.name)
+        if self._declared + self._expected > self._max_bytes:
+            raise InvalidArgument(f"{chunk.name}.shape", f"{list(chunk.shape)} brings the stream's tensors to "
+                                  f"{self._declared + self._expected} bytes, over the {self._max_bytes}-byte limit")
+        self._declared += self._expected
         self._name, self._dtype, self._shape = chunk.name, chunk.dtype, list(chunk.shape)
+        self._buffer, self._filled = torch.empty(self._expected, dtype=torch.uint8), 0
+
+    def discard(self) -> None:
+        """Drop everything held (a refused stream): the memory goes now, not when the error's traceback does."""
+        self._buffer, self.tensors = None, {}
 
     def finish(self) -> dict[str, torch.Tensor]:
         """All completed tensors; raises if the stream ended in the middle of one."""
@@ -180,18 +206,26 @@ async def receive_params_and_tensors(
     """
     params = None
     assembler = TensorAssembler(allowed_names)
-    async for message in requests:
-        kind = message.WhichOneof("item")
+    try:
+        async for message in requests:
+            kind = message.WhichOneof("item")
+            if params is None:
+                if kind != "params":
+                    raise InvalidArgument("params", "the first message of the stream must carry params")
+                params = message.params
+            elif kind == "tensor":
+                assembler.add(message.tensor)
+            elif kind == "params":
+                raise InvalidArgument("params", "params sent twice in one stream")
+            else:
+                raise InvalidArgument("tensor", "a message after params carried neither params nor a tensor chunk")
+            del message     # a chunk's bytes are copied: let them go before the next one arrives
         if params is None:
-            if kind != "params":
-                raise InvalidArgument("params", "the first message of the stream must carry params")
-            params = message.params
-        elif kind == "tensor":
-            assembler.add(message.tensor)
-        elif kind == "params":
-            raise InvalidArgument("params", "params sent twice in one stream")
-        else:
-            raise InvalidArgument("tensor", "a message after params carried neither params nor a tensor chunk")
-    if params is None:
-        raise InvalidArgument("params", "the stream carried no params")
-    return params, assembler.finish()
+            raise InvalidArgument("params", "the stream carried no params")
+        return params, assembler.finish()
+    except BaseException:
+        assembler.discard()
+        raise
+    finally:
+        if assembler.received >= RELEASE_AFTER_BYTES:
+            release_memory()

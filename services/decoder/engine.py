@@ -18,6 +18,7 @@ from services.common.limits import MAX_FRAMES, MAX_SIDE
 from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.decoder import media
+from services.decoder.tiling import VaeTiling
 from services.families import family_for
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,15 @@ class Decoded:
 
 
 class DecoderEngine:
-    def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
+                 tiling: VaeTiling = VaeTiling()) -> None:
         self.model_name = model.name
         self.device = platform.device()
         self.family = family_for(model)
         self.decoding = self.family.decoding(model, dtype or platform.default_dtype(), self.device)
-        logger.info("decoder loaded %s (%s family) on %s", model.path, self.family.name, self.device)
+        self.tiling = tiling
+        logger.info("decoder loaded %s (%s family) on %s, VAE tiling %s", model.path, self.family.name,
+                    self.device, tiling.mode)
 
     def check(self, params: DecodeParams, latents: torch.Tensor) -> None:
         if params.format not in FORMATS:
@@ -88,14 +92,17 @@ class DecoderEngine:
         """The conditioning image through the VAE's encoder, as the model's pipeline prepares it."""
         self.check_condition(params)
         image = decode_image(params.image)
-        return self.decoding.encode_condition(image, params.width, params.height, params.num_frames)
+        with self.tiling.applied(self.decoding.vae, params.width * params.height):
+            return self.decoding.encode_condition(image, params.width, params.height, params.num_frames)
 
     @torch.inference_mode()
     def decode(self, params: DecodeParams, latents: torch.Tensor) -> Decoded:
         # 1. Check inputs
         self.check(params, latents)
         # 2. The family's decode: de-normalise, VAE decode, post-process as its pipeline does (on the device)
-        frames = self.decoding.decode(latents)                                       # [n, F, H, W, 3]
+        frame_pixels = latents.shape[-2] * latents.shape[-1] * self.decoding.spatial_scale ** 2
+        with self.tiling.applied(self.decoding.vae, frame_pixels):
+            frames = self.decoding.decode(latents)                                   # [n, F, H, W, 3]
         # 3. Encode files; pixels round as diffusers' numpy_to_pil does. Only uint8 pixels, and float frames
         # when asked, cross to the CPU.
         fmt = params.format

@@ -16,6 +16,7 @@ from services.common.stage import StageSpec, stage_main
 from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
 from services.decoder import media
 from services.decoder.engine import ConditionParams, DecodeParams, DecoderEngine
+from services.decoder.tiling import add_tiling_arguments, tiling_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ SPEC = StageSpec(
     engine_class=DecoderEngine,
     servicer_class=DecoderServicer,
     add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
+    add_arguments=add_tiling_arguments,
+    engine_options=tiling_from_args,
 )
 
 

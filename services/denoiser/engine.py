@@ -12,15 +12,17 @@ gang) and the noise predictor that runs each step's branches (predict.py; the ga
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import torch
 
 from services.common.attention import current_attention
-from services.common.errors import Cancelled
-from services.common.limits import check_guidance, check_outputs, check_steps
+from services.common.errors import Cancelled, InvalidArgument
+from services.common.limits import check_guidance, check_outputs, check_request_id, check_seed, check_steps
 from services.common.models import ModelDir
 from services.common.platform import Platform
+from services.denoiser.compile import CompileOptions, compile_blocks
 from services.denoiser.predict import NoisePredictor, predict_on_one_device
 from services.families import family_for
 from services.families.base import Sampling
@@ -36,7 +38,7 @@ TransformerLoad = Callable[[ModelDir, str, torch.dtype], torch.nn.Module]   # (m
 class DenoiserEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
                  device: torch.device | None = None, *, load: TransformerLoad | None = None,
-                 predict_noise: NoisePredictor = predict_on_one_device) -> None:
+                 predict_noise: NoisePredictor = predict_on_one_device, compile: CompileOptions | None = None) -> None:
         self.model_name = model.name
         self.platform = platform
         self.device = device or platform.device()
@@ -46,10 +48,37 @@ class DenoiserEngine:
         load = load or self.load_whole
         weights_dtype = dtype or platform.default_dtype()
         self.attention = current_attention()
-        self.denoising = self.family.denoising(
-            model, lambda component: self.attention.install(load(model, component, weights_dtype)), self.device)
+        self.compile = compile
+        # Sizes (width, height, frames, outputs) whose blocks are compiled, when compiling.
+        self.compiled_sizes: set[tuple[int, int, int, int]] = set()
+
+        def load_component(component: str) -> torch.nn.Module:
+            transformer = self.attention.install(load(model, component, weights_dtype))
+            return compile_blocks(transformer, compile) if compile else transformer
+
+        self.denoising = self.family.denoising(model, load_component, self.device)
         logger.info("denoiser loaded %s (%s family) on %s (%s)", model.path, self.family.name, self.device,
                     self.denoising.dtype)
+        if compile and compile.warmup_sizes:
+            self.warm_up(compile.warmup_sizes)
+
+    def warm_up(self, sizes) -> None:
+        """Compile each (width, height, frames) now, with a two-step denoise on zero conditioning. A size this
+        model cannot take fails start-up naming it."""
+        for width, height, frames in sizes:
+            params = Sampling("warmup", width, height, frames, 2, self.limits.default_guidance_scale, 0)
+            try:
+                self.check(params)
+                tensors = self.denoising.warmup_conditioning(params, self.limits.max_sequence_length)
+            except InvalidArgument as error:
+                raise ValueError(f"--warmup-sizes {width}x{height}x{frames}: {error.message}") from None
+            if tensors is None:
+                logger.warning("warm-up is not available for %s (its conditioning comes from an image): the first "
+                               "request of each size compiles it", self.model_name)
+                return
+            started = time.monotonic()
+            self.denoise(params, tensors)
+            logger.info("compiled %dx%dx%d in %.1fs", width, height, frames, time.monotonic() - started)
 
     def load_whole(self, model: ModelDir, component: str, dtype: torch.dtype) -> torch.nn.Module:
         """A whole transformer on this device; where the gang's self-attention processor serves its family, it
@@ -68,6 +97,9 @@ class DenoiserEngine:
         check_steps(params.num_inference_steps)
         check_guidance(params.guidance_scale)
         check_outputs(params.num_outputs)
+        check_seed(params.seed)
+        if params.request_id:   # a gang's ranks log under it
+            check_request_id(params.request_id, "request_id")
         self.denoising.check(params)
 
     def check_conditioning(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -84,6 +116,12 @@ class DenoiserEngine:
         """Run the whole loop; returns float32 latents on the CPU. Raises Cancelled between steps if asked."""
         self.check(params)
         self.check_conditioning(params, tensors)
+        size = (params.width, params.height, params.num_frames, params.num_outputs)
+        if self.compile and size not in self.compiled_sizes:
+            self.compiled_sizes.add(size)
+            if params.request_id != "warmup":
+                logger.info("compiling the blocks for %dx%dx%d, n=%d (not in --warmup-sizes): this request waits for "
+                            "it, later ones of this size do not", *size)
         # 2. The family's run: scheduler and timesteps, first latents (drawn on the CPU from the seed)
         run = self.denoising.start(params, tensors, self.device)
         latents = run.latents

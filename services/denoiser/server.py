@@ -24,6 +24,7 @@ from services.common.models import check_model
 from services.common.server import AdmissionGate, rpc_method, run_until_stopped
 from services.common.stage import StageSpec, add_stage_arguments, serve_stage
 from services.common.tensors import iter_chunks, receive_params_and_tensors
+from services.denoiser.compile import add_compile_arguments, compile_from_args
 from services.denoiser.engine import DenoiseParams, DenoiserEngine, StepCallback
 from services.denoiser.gang.distributed import env_rank
 from services.denoiser.gang.flags import add_gang_arguments, check_layout_for_model, resolve_layout
@@ -129,13 +130,14 @@ SPEC = StageSpec(
     engine_class=DenoiserEngine,
     servicer_class=DenoiserServicer,
     add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+    engine_options=lambda args: {"compile": compile_from_args(args)},
 )
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = add_gang_arguments(add_stage_arguments(argparse.ArgumentParser(prog="diffmesh serve denoiser"),
-                                                    DEFAULT_PORT))
+    parser = add_compile_arguments(add_gang_arguments(add_stage_arguments(
+        argparse.ArgumentParser(prog="diffmesh serve denoiser"), DEFAULT_PORT)))
     args = parser.parse_args(argv)
     try:
         joined = env_rank()

@@ -170,8 +170,19 @@ class Denoising(abc.ABC):
     @abc.abstractmethod
     def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun: ...
 
+    def warmup_conditioning(self, params: Sampling, sequence_length: int) -> dict[str, torch.Tensor] | None:
+        """Zero conditioning of the shapes the encoder sends for `params` (prompt padded to `sequence_length`), to
+        compile a size before any request brings it; None where the family cannot make it up (an image's)."""
+        return None
+
 
 class Decoding(abc.ABC):
+    """Latents -> frames with the model's VAE. `vae` is the diffusers VAE (the decoder switches its tiling per
+    request); `spatial_scale` is how many pixels one latent spans along a side."""
+
+    vae: torch.nn.Module
+    spatial_scale: int
+
     @abc.abstractmethod
     def check(self, latents: torch.Tensor) -> None:
         """Raise InvalidArgument("latents", ...) for latents this VAE cannot decode."""

@@ -197,6 +197,9 @@ class FluxDenoising(Denoising):
     def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
         return FluxRun(self, params, tensors, device)
 
+    def warmup_conditioning(self, params: Sampling, sequence_length: int) -> dict[str, torch.Tensor] | None:
+        return {NAMES[0]: torch.zeros(1, sequence_length, self.text_dim), NAMES[1]: torch.zeros(1, self.pooled_dim)}
+
 
 class FluxDecoding(Decoding):
     def __init__(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> None:
@@ -208,7 +211,8 @@ class FluxDecoding(Decoding):
         self.shift_factor = config.shift_factor
         if self.shift_factor is None:
             raise ValueError(f"{model.path}: the VAE config has no shift_factor, which FluxPipeline's decode uses")
-        self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor(config) * 2)
+        self.spatial_scale = vae_scale_factor(config)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.spatial_scale * 2)
 
     def check(self, latents: torch.Tensor) -> None:
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:

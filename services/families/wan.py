@@ -175,6 +175,11 @@ class WanDenoising(Denoising):
     def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
         return WanRun(self, params, tensors, device)
 
+    def warmup_conditioning(self, params: Sampling, sequence_length: int) -> dict[str, torch.Tensor] | None:
+        embeds = torch.zeros(1, sequence_length, self.text_dim)
+        names = TEXT_NAMES if params.guidance_scale > 1.0 else TEXT_NAMES[:1]
+        return dict.fromkeys(names, embeds)
+
 
 class WanDecoding(Decoding):
     def __init__(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> None:
@@ -184,7 +189,8 @@ class WanDecoding(Decoding):
         self.z_dim = int(config.z_dim)
         self.latents_mean = torch.tensor(config.latents_mean).view(1, self.z_dim, 1, 1, 1)
         self.latents_std = torch.tensor(config.latents_std).view(1, self.z_dim, 1, 1, 1)
-        self.video_processor = VideoProcessor(vae_scale_factor=int(config.scale_factor_spatial))
+        self.spatial_scale = int(config.scale_factor_spatial)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.spatial_scale)
 
     def check(self, latents: torch.Tensor) -> None:
         if latents.dim() != 5 or latents.shape[1] != self.z_dim:

@@ -138,6 +138,9 @@ class WanI2VDenoising(WanDenoising):
     def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
         return WanI2VRun(self, params, tensors, device)
 
+    def warmup_conditioning(self, params: Sampling, sequence_length: int) -> dict[str, torch.Tensor] | None:
+        return None         # the conditioning image's latents and embeddings come from a real image
+
 
 class WanTI2VDenoising(WanI2VDenoising):
     """Wan2.2 TI2V-5B's `WanPipeline` directory: text-to-video as `WanPipeline` runs it; when condition_latents
@@ -150,6 +153,9 @@ class WanTI2VDenoising(WanI2VDenoising):
             super().check_conditioning(params, tensors)
         else:
             WanDenoising.check_conditioning(self, params, tensors)
+
+    def warmup_conditioning(self, params: Sampling, sequence_length: int) -> dict[str, torch.Tensor] | None:
+        return WanDenoising.warmup_conditioning(self, params, sequence_length)      # text-to-video, as without image
 
     def start(self, params: Sampling, tensors: Mapping[str, torch.Tensor], device: torch.device) -> DenoiseRun:
         if CONDITION in tensors:

@@ -13,7 +13,10 @@ import os
 import tomllib
 
 from services.common.errors import InvalidArgument
+from services.common.limits import MAX_STEPS
 from services.common.models import default_model_name
+from services.common.tls import TlsFiles, add_tls_arguments, tls_from_args
+from services.gateway.http_limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from services.gateway.pipeline import DEFAULT_MAX_OUTPUT_PIXELS, Defaults
 
 STAGES = ("encoder", "denoiser", "decoder")
@@ -39,9 +42,22 @@ class GatewayConfig:
     defaults: Defaults = Defaults()
     request_timeout_s: float = 1800.0
     stage_stall_timeout_s: float = 300.0
+    stage_wait_s: float = 60.0                  # an accepted job waits this long for a stage with no replica serving
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
-    max_active_jobs: int = 64
+    max_steps: int = MAX_STEPS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     grace_seconds: float = 30.0
+    data_dir: str = ""                         # SQLite file and outputs ("": default_data_dir())
+    database_url: str = dataclasses.field(default="", repr=False)   # "" : SQLite under data_dir
+    instance_id: str = ""                      # this gateway's name on a shared database ("": one per process)
+    max_queued_jobs: int = 256
+    retention_age_s: float = 24 * 3600.0       # 0: no age limit
+    retention_bytes: int = 10 << 30            # 0: no size limit
+    tls: TlsFiles | None = None
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)   # keys or sha256:HEX digests
+    rate_limit_per_minute: float | None = None
 
     @property
     def model_name(self) -> str:
@@ -67,12 +83,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is failed")
     parser.add_argument("--stage-stall-timeout", type=float, default=None,
                         help="seconds a stage may send nothing before it counts as hung (default 300)")
+    parser.add_argument("--stage-wait", type=float, default=None,
+                        help="seconds an accepted job waits for a stage that has no replica serving (restarting) "
+                        "before it fails (default 60)")
     parser.add_argument("--max-output-pixels", type=int, default=None,
                         help="width x height x frames x n one request may ask for (default 1280x720x161)")
-    parser.add_argument("--max-active-jobs", type=int, default=None, help="jobs running or queued at once")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help=f"denoising steps one request may ask for (default {MAX_STEPS})")
+    parser.add_argument("--max-body-bytes", type=int, default=None,
+                        help=f"HTTP request body bytes; beyond, 413 (default {DEFAULT_MAX_BODY_BYTES}: 32 MiB)")
+    parser.add_argument("--idle-timeout", type=float, default=None,
+                        help=f"seconds an HTTP or gRPC connection may stay open with no request before it is closed "
+                        f"(default {DEFAULT_IDLE_TIMEOUT_S:g})")
+    parser.add_argument("--header-timeout", type=float, default=None,
+                        help="seconds a client has to send a request's HTTP headers, or to finish a gRPC connection's "
+                        f"handshake, before the connection is closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    parser.add_argument("--max-queued-jobs", type=int, default=None,
+                        help="accepted jobs waiting for the stages (default 256); beyond that, 429 with Retry-After")
+    parser.add_argument("--data-dir", default=None,
+                        help="jobs' SQLite database and outputs (env DIFFMESH_DATA_DIR; default $DIFFMESH_HOME/data, "
+                        "DIFFMESH_HOME defaulting to ~/.cache/diffmesh)")
+    parser.add_argument("--database-url", default=None,
+                        help="a shared database for the jobs instead of SQLite, e.g. postgresql://USER:PASS@HOST/DB "
+                        "(env DIFFMESH_DATABASE_URL); outputs stay under --data-dir")
+    parser.add_argument("--instance-id", default=None,
+                        help="this gateway's name on a shared database; a gateway restarted under the same name "
+                        "resumes its jobs at once instead of after their lease (env DIFFMESH_INSTANCE_ID)")
+    parser.add_argument("--retention-age", default=None, metavar="DURATION",
+                        help="finished jobs and outputs are deleted this long after they end: seconds or 30m, 24h, "
+                        "7d (default 24h; 0: never)")
+    parser.add_argument("--retention-bytes", default=None, metavar="SIZE",
+                        help="outputs kept at most, oldest finished jobs deleted first: bytes or 500M, 10G "
+                        "(default 10G; 0: no limit)")
     parser.add_argument("--grace", type=float, default=None, help="seconds to drain on SIGTERM")
     parser.add_argument("--port-file", default=None, help="write 'GRPC_PORT HTTP_PORT' here once serving")
-    return parser
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help="an API key clients must send (REST 'Authorization: Bearer KEY', gRPC 'authorization' "
+                        "metadata); repeat for several; 'sha256:HEX' gives a key by its SHA-256 only (env "
+                        "DIFFMESH_API_KEYS, comma-separated; keeps keys out of the process list)")
+    parser.add_argument("--rate-limit", type=float, default=None, metavar="N",
+                        help="requests per minute per API key (a token bucket, bursts up to N; env "
+                        "DIFFMESH_RATE_LIMIT; default: none)")
+    return add_tls_arguments(parser)
 
 
 def _addresses(value: str | list | tuple) -> tuple[str, ...]:
@@ -150,8 +202,85 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         request_timeout_s=float(pick(args.request_timeout, None, "request_timeout", base.request_timeout_s)),
         stage_stall_timeout_s=float(pick(args.stage_stall_timeout, None, "stage_stall_timeout",
                                          base.stage_stall_timeout_s)),
+        stage_wait_s=float(pick(args.stage_wait, None, "stage_wait", base.stage_wait_s)),
         max_output_pixels=int(pick(args.max_output_pixels, None, "max_output_pixels", base.max_output_pixels)),
-        max_active_jobs=int(pick(args.max_active_jobs, None, "max_active_jobs", base.max_active_jobs)),
+        max_steps=_at_least_one("max_steps", pick(args.max_steps, None, "max_steps", base.max_steps)),
+        max_body_bytes=_at_least_one("max_body_bytes",
+                                     pick(args.max_body_bytes, None, "max_body_bytes", base.max_body_bytes)),
+        idle_timeout_s=_positive("idle_timeout", pick(args.idle_timeout, None, "idle_timeout", base.idle_timeout_s)),
+        header_timeout_s=_positive("header_timeout",
+                                   pick(args.header_timeout, None, "header_timeout", base.header_timeout_s)),
+        max_queued_jobs=_at_least_one("max_queued_jobs",
+                                      pick(args.max_queued_jobs, None, "max_queued_jobs", base.max_queued_jobs)),
+        data_dir=str(pick(args.data_dir, "DIFFMESH_DATA_DIR", "data_dir", "") or default_data_dir()),
+        database_url=str(pick(args.database_url, "DIFFMESH_DATABASE_URL", "database_url", "")),
+        instance_id=str(pick(args.instance_id, "DIFFMESH_INSTANCE_ID", "instance_id", "")),
+        retention_age_s=parse_duration(pick(args.retention_age, None, "retention_age", base.retention_age_s)),
+        retention_bytes=parse_bytes(pick(args.retention_bytes, None, "retention_bytes", base.retention_bytes)),
         grace_seconds=float(pick(args.grace, None, "grace", base.grace_seconds)),
         models=models,
+        tls=tls_from_args(args, server=False),
+        api_keys=tuple(_addresses(pick(getattr(args, "api_key", None), "DIFFMESH_API_KEYS", "api_keys", ()))),
+        rate_limit_per_minute=_positive_or_none(pick(getattr(args, "rate_limit", None), "DIFFMESH_RATE_LIMIT",
+                                                     "rate_limit", None)),
     )
+
+
+def _positive_or_none(value) -> float | None:
+    if value is None or value == "":
+        return None
+    rate = float(value)
+    if not rate > 0:
+        raise ValueError(f"rate limit must be > 0 requests per minute, not {value}")
+    return rate
+
+
+def default_data_dir() -> str:
+    home = os.environ.get("DIFFMESH_HOME") or os.path.join("~", ".cache", "diffmesh")
+    return os.path.expanduser(os.path.join(home, "data"))
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from 3600, "90s", "30m", "24h" or "7d"."""
+    text = str(value).strip().lower()
+    unit = text[-1:] if text[-1:] in DURATION_UNITS else "s"
+    number = text[:-1] if text[-1:] in DURATION_UNITS else text
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"retention age {value!r} is not a duration like 3600, 30m, 24h or 7d") from None
+    if seconds < 0:
+        raise ValueError(f"retention age {value!r} is negative")
+    return seconds
+
+
+def parse_bytes(value: str | int) -> int:
+    """Bytes from 1048576, "500M", "10G" or "10GiB" (K, M, G, T are powers of 1024)."""
+    text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+    unit = text[-1:] if text[-1:] in SIZE_UNITS and text[-1:] else ""
+    number = text[:-1] if unit else text
+    try:
+        size = int(float(number) * SIZE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"retention bytes {value!r} is not a size like 500M or 10G") from None
+    if size < 0:
+        raise ValueError(f"retention bytes {value!r} is negative")
+    return size
+
+
+def _positive(name: str, value) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"{name} must be > 0 seconds, not {value}")
+    return number
+
+
+def _at_least_one(name: str, value) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{name} must be at least 1, not {number}")
+    return number

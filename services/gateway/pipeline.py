@@ -15,12 +15,22 @@ import time
 from collections.abc import AsyncIterator
 
 from diffmesh.v1 import decoder_pb2, denoiser_pb2, encoder_pb2, tensor_pb2
-from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
 from services.common.images import check_image
-from services.common.limits import check_frames, check_guidance, check_outputs, check_side, check_steps
+from services.common.limits import (
+    MAX_STEPS,
+    check_fps,
+    check_frames,
+    check_guidance,
+    check_outputs,
+    check_seed,
+    check_side,
+    check_steps,
+    check_text,
+)
 from services.families.base import Limits
 from services.families.wire import limits_from_proto
-from services.gateway.stages import StagePool
+from services.gateway.stages import RESTARTED, StagePool
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +82,20 @@ class GenerationRequest:
     image: bytes = dataclasses.field(default=b"", repr=False)   # encoded conditioning image (image-to-video)
     owner: str = ""     # who submitted it (an API key's id when keys are on): only they see and cancel the job
 
-    def validate(self, limits: Limits, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
+    def validate(self, limits: Limits, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+                 max_steps: int = MAX_STEPS) -> None:
         """Reject what the model's stages could not serve, naming the field, before any stage is called."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidArgument("prompt", "must not be empty")
-        if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidArgument("prompt", f"{len(self.prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
-        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
-            raise InvalidArgument(
-                "negative_prompt", f"{len(self.negative_prompt)} characters, over the limit of {MAX_PROMPT_CHARS}"
-            )
+        check_text("prompt", self.prompt, MAX_PROMPT_CHARS)
+        check_text("negative_prompt", self.negative_prompt, MAX_PROMPT_CHARS)
         check_side("width", self.width, limits.size_multiple, limits.max_side)
         check_side("height", self.height, limits.size_multiple, limits.max_side)
         if not limits.makes_video and self.num_frames != 1:
             raise InvalidArgument("num_frames", f"{self.num_frames}, but {self.model} makes images: num_frames is 1")
         if limits.makes_video:
             check_frames(self.num_frames, limits.frame_multiple, limits.max_frames)
-        check_steps(self.num_inference_steps)
+        check_steps(self.num_inference_steps, max_steps)
         check_guidance(self.guidance_scale)
         check_guidance(self.true_cfg_scale, "true_cfg_scale")
         if self.guidance_scale_2 is not None:
@@ -101,16 +108,14 @@ class GenerationRequest:
             raise InvalidArgument("format", f"{self.format!r} is not one of {FORMATS}")
         if self.format == "png" and self.num_frames != 1:
             raise InvalidArgument("format", "png holds one frame; use mp4 for num_frames > 1")
-        if not 1 <= self.fps <= 120:
-            raise InvalidArgument("fps", f"{self.fps} is outside 1..120")
+        check_fps(self.fps)
         output_pixels = self.width * self.height * self.num_frames * self.n
         if output_pixels > max_output_pixels:
             raise InvalidArgument(
                 "size", f"{self.width}x{self.height} x {self.num_frames} frames x n={self.n} is {output_pixels} "
                 "pixels, "
                 f"over this gateway's limit of {max_output_pixels} (--max-output-pixels)")
-        if not -(2**63) <= self.seed < 2**63:
-            raise InvalidArgument("seed", f"{self.seed} does not fit in a signed 64-bit integer")
+        check_seed(self.seed)
         if limits.needs_image and not self.image:
             raise InvalidArgument("image", f"{self.model} ({limits.task}) needs a conditioning image")
         if self.image and not limits.takes_image:
@@ -165,15 +170,23 @@ class ModelRoute:
         if self.limits is None:
             reply = await self.denoiser.unary(lambda stub, kw: stub.Describe(denoiser_pb2.DescribeRequest(), **kw),
                                               f"describe-{self.name}", DESCRIBE_TIMEOUT_S)
-            if reply.id != self.name:
-                raise Internal(f"the denoiser at {self.denoiser.addresses} serves {reply.id!r}, "
-                               f"but the gateway routes {self.name!r} to it")
+            if reply.id != self.name:     # a misconfigured route: the addresses go to the log, not to clients
+                logger.error("the denoiser at %s serves %r, but the gateway routes %r to it", self.denoiser.addresses,
+                             reply.id, self.name)
+                raise Internal(f"the denoiser stage serves {reply.id!r}, but the gateway routes {self.name!r} to it")
             self.limits = limits_from_proto(reply.limits)
         return self.limits
 
 
 async def collect(stream: AsyncIterator) -> list:
-    return [item async for item in stream]
+    """A stage stream's responses; what a failed attempt sent is dropped when the pool starts the call over."""
+    items: list = []
+    async for item in stream:
+        if item is RESTARTED:
+            items.clear()
+        else:
+            items.append(item)
+    return items
 
 
 async def gather_or_cancel(calls: list) -> list:
@@ -187,11 +200,13 @@ async def gather_or_cancel(calls: list) -> list:
 
 
 class MeshPipeline:
-    def __init__(self, routes: list[ModelRoute], max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS) -> None:
+    def __init__(self, routes: list[ModelRoute], max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+                 max_steps: int = MAX_STEPS) -> None:
         if not routes:
             raise ValueError("the gateway needs at least one model")
         self.routes = {route.name: route for route in routes}
         self.max_output_pixels = max_output_pixels
+        self.max_steps = max_steps
 
     @property
     def model_names(self) -> list[str]:
@@ -199,14 +214,21 @@ class MeshPipeline:
 
     def route(self, model: str) -> ModelRoute:
         if model not in self.routes:
-            raise NotFound(f"model {model!r} not found; available: {self.model_names}")
+            raise NotFound(f"model {model[:128]!r} not found; available: {self.model_names}")
         return self.routes[model]
 
     async def limits(self, model: str) -> Limits:
         return await self.route(model).describe()
 
     async def validate(self, request: GenerationRequest) -> None:
-        request.validate(await self.limits(request.model), self.max_output_pixels)
+        request.validate(await self.limits(request.model), self.max_output_pixels, self.max_steps)
+
+    async def check_serving(self, model: str) -> None:
+        """Unavailable naming the first of the model's stages with no replica serving: a new request is refused
+        at once rather than accepted to wait (an accepted one waits for a restarting stage, see jobs.py)."""
+        for stage, pool in self.route(model).pools.items():
+            if not await pool.serving_within():
+                raise Unavailable(stage, f"no replica is serving ({len(pool.replicas)} configured)")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         # Validated once, when the job was submitted (GatewayService.submit).
@@ -239,7 +261,8 @@ class MeshPipeline:
         embeddings = [chunk for chunks in await gather_or_cancel(calls) for chunk in chunks]
         yield ProgressEvent("encode", 1, 1, ENCODE_SHARE)
 
-        # 2. Denoise: one progress event per step, then the latents
+        # 2. Denoise: one progress event per step, then the latents. If the replica goes away the pool starts the
+        # call over on another (RESTARTED): the steps repeat, and the latents are collected afresh.
         denoise_params = denoiser_pb2.DenoiseParams(
             request_id=request.request_id, model=request.model, width=request.width, height=request.height,
             num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
@@ -256,7 +279,9 @@ class MeshPipeline:
         async for event in route.denoiser.stream(
             lambda stub, kw: stub.Denoise(denoise_requests(), **kw), request.request_id, remaining()
         ):
-            if event.WhichOneof("item") == "progress":
+            if event is RESTARTED:
+                latents.clear()
+            elif event.WhichOneof("item") == "progress":
                 p = event.progress
                 fraction = ENCODE_SHARE + DENOISE_SHARE * p.step / max(p.total_steps, 1)
                 yield ProgressEvent("denoise", p.step, p.total_steps, fraction)
@@ -267,7 +292,8 @@ class MeshPipeline:
         if request.return_latents:
             yield TensorEvent("latents", latents)
 
-        # 3. Decode to files (and frames when asked)
+        # 3. Decode to files (and frames when asked). On a restart the partial pieces and frames start over; a
+        # file already passed on is not passed on again (the retry decodes the same bytes).
         decode_params = decoder_pb2.DecodeParams(
             request_id=request.request_id, model=request.model, format=FORMAT_ENUM[request.format],
             fps=request.fps, return_frames=request.return_frames,
@@ -280,14 +306,21 @@ class MeshPipeline:
 
         media: dict[int, list[bytes]] = {}
         frames: list[tensor_pb2.TensorChunk] = []
+        emitted: set[int] = set()
         async for response in route.decoder.stream(
             lambda stub, kw: stub.Decode(decode_requests(), **kw), request.request_id, remaining()
         ):
-            if response.WhichOneof("item") == "media":
+            if response is RESTARTED:
+                media.clear()
+                frames.clear()
+            elif response.WhichOneof("item") == "media":
                 piece = response.media
                 media.setdefault(piece.index, []).append(piece.data)
                 if piece.last:
-                    yield MediaEvent(piece.index, piece.mime_type, b"".join(media.pop(piece.index)))
+                    data = b"".join(media.pop(piece.index))
+                    if piece.index not in emitted:
+                        emitted.add(piece.index)
+                        yield MediaEvent(piece.index, piece.mime_type, data)
             else:
                 frames.append(response.tensor)
         if frames:

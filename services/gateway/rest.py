@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -16,14 +17,18 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from services.common.errors import InvalidArgument, MeshError
+from services.common.limits import check_fps, check_request_id
 from services.common.logs import request_context
 from services.gateway.config import parse_size
+from services.gateway.http_limits import BodyLimit
 from services.gateway.jobs import Job, JobStatus
 from services.gateway.pipeline import MediaEvent
 from services.gateway.service import GatewayService
@@ -31,7 +36,10 @@ from services.gateway.service import GatewayService
 logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
+REQUEST_ID_HEADER = "x-request-id"
+NESTED_TOO_DEEPLY = "JSON nested too deeply"
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
 
@@ -90,6 +98,8 @@ def mesh_error_response(error: MeshError) -> JSONResponse:
     retry_after_s = getattr(error, "retry_after_s", None)
     if retry_after_s is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))   # whole seconds (RFC 9110)
+    if error.http_status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"    # RFC 6750: what the client should send
     return response
 
 
@@ -120,6 +130,8 @@ async def video_request_from(request: Request) -> VideoRequest:
             values = await request.json()
         except ValueError:
             raise InvalidArgument("body", "is not valid JSON (or a multipart form)") from None
+        except RecursionError:
+            raise InvalidArgument("body", NESTED_TOO_DEEPLY) from None
         if not isinstance(values, dict):
             raise InvalidArgument("body", "must be a JSON object")
     try:
@@ -139,6 +151,12 @@ def frames_for(seconds: float | str | None, fps: int, frame_multiple: int = 4) -
     return max(1, round(value * fps / frame_multiple)) * frame_multiple + 1
 
 
+def header_request_id(request: Request) -> str:
+    """The client's X-Request-Id, checked before it reaches a log line or a stage's metadata ("" if none)."""
+    value = request.headers.get(REQUEST_ID_HEADER, "")
+    return check_request_id(value, REQUEST_ID_HEADER) if value else ""
+
+
 def video_object(job: Job) -> dict:
     r = job.request
     return {
@@ -153,8 +171,39 @@ def video_object(job: Job) -> dict:
         "seconds": f"{(r.num_frames - 1) / r.fps:g}",
         "num_frames": r.num_frames,
         "seed": r.seed,
+        "queue_position": job.queue_position,     # while queued: 1 = the next to run
         "error": {"code": job.error.grpc_code.name.lower(), "message": job.error.message} if job.error else None,
     }
+
+
+# Probes and scrapers carry no key, and the API's schema is public.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+class ApiKeyGuard:
+    """Checks the API key and its rate limit before routing: a refused request reaches no handler, so no job and no
+    stage call starts. The key's id goes to `request.state.owner`. Plain ASGI, as RequestCounter says why."""
+
+    def __init__(self, app, service: GatewayService) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        authorization = next((value.decode("latin-1") for key, value in scope.get("headers", ())
+                              if key == b"authorization"), None)
+        try:
+            owner = self.service.admit(authorization)
+        except MeshError as error:
+            await mesh_error_response(error)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["owner"] = owner
+        await self.app(scope, receive, send)
+
+
+def owner_of(request: Request) -> str:
+    return getattr(request.state, "owner", "")
 
 
 class RequestCounter:
@@ -191,7 +240,9 @@ def create_app(service: GatewayService) -> FastAPI:
     active_jobs = Gauge("diffmesh_active_jobs", "Jobs running or queued", registry=registry)
     active_jobs.set_function(lambda: service.jobs.active)
 
-    app.add_middleware(RequestCounter, counter=http_requests)
+    app.add_middleware(ApiKeyGuard, service=service)
+    app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes)     # 413 before anything reads a body
+    app.add_middleware(RequestCounter, counter=http_requests)    # added last, so outermost: counts 401s too
 
     @app.exception_handler(MeshError)
     async def on_mesh_error(request: Request, error: MeshError) -> JSONResponse:
@@ -202,6 +253,23 @@ def create_app(service: GatewayService) -> FastAPI:
         first = error.errors()[0] if error.errors() else {}
         field = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
         return error_response(400, f"{field}: {first.get('msg', 'invalid request')}", field)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown route 404, 405, a body over the limit 413, a body FastAPI cannot parse
+        400) in OpenAI's shape too."""
+        message = error.detail if isinstance(error.detail, str) else "invalid request"
+        if isinstance(error.__cause__, RecursionError):
+            message = f"body: {NESTED_TOO_DEEPLY}"
+        field = "body" if error.status_code in (400, 413) else None
+        response = error_response(error.status_code, message, field)
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
+        # Read by nobody: the client hung up mid-body, or stalled past --idle-timeout and was cut off.
+        return error_response(400, "body: the client stopped sending it", "body")
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -215,7 +283,7 @@ def create_app(service: GatewayService) -> FastAPI:
             prompt=body.prompt, model=body.model or "", n=body.n, width=width, height=height, num_frames=1,
             negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale, seed=body.seed, format="png",
-            request_id=request.headers.get("x-request-id", ""),
+            request_id=header_request_id(request), owner=owner_of(request),
         )
         with request_context(generation.request_id):
             job = await service.submit(generation, prefix="img")
@@ -240,18 +308,33 @@ def create_app(service: GatewayService) -> FastAPI:
             await asyncio.wait({collector}, timeout=DISCONNECT_POLL_S)
             if not collector.done() and await request.is_disconnected():
                 logger.info("client disconnected: cancelling job %s", job.id)
-                service.jobs.cancel(job.id)
+                service.jobs.abandon(job.id)
         return collector.result()
 
     @app.get("/v1/images/{job_id}/{index}", name="get_image")
-    async def get_image(job_id: str, index: int) -> Response:
-        job = service.jobs.get(job_id)
-        if index not in job.media:
-            return error_response(404, f"image {index} of {job_id} not found", "index")
-        item = job.media[index]
-        return Response(item.data, media_type=item.mime_type)
+    async def get_image(job_id: str, index: int, request: Request) -> Response:
+        return output_response(await service.job_of(job_id, owner_of(request)), index)
 
-    @app.post("/v1/videos")
+    def output_response(job: Job, index: int) -> Response:
+        """An output streamed from the output store (sendfile for a local file), never read whole into memory."""
+        output = job.output(index)
+        if output is None:
+            return error_response(404, f"output {index} of {job.id} not found", "index")
+        store = service.jobs.outputs
+        path = store.path(job.id, index, output.mime_type)
+        if path is not None:
+            return FileResponse(path, media_type=output.mime_type)
+        chunks = store.read(job.id, index, output.mime_type)
+        try:
+            first = next(chunks)
+        except (FileNotFoundError, StopIteration):
+            return error_response(404, f"output {index} of {job.id} is no longer stored", "index")
+        return StreamingResponse(itertools.chain([first], chunks), media_type=output.mime_type)
+
+    # The handler reads the body itself (JSON or a form); the schema says what either holds, for clients and fuzzers.
+    @app.post("/v1/videos", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": VideoRequest.model_json_schema()},
+        "multipart/form-data": {"schema": VideoRequest.model_json_schema()}}}})
     async def create_video(request: Request) -> dict:
         body = await video_request_from(request)
         width, height = parse_size(body.size, "size") if body.size is not None else (None, None)
@@ -260,6 +343,7 @@ def create_app(service: GatewayService) -> FastAPI:
             raise InvalidArgument("model", f"{body.model or service.config.model_name} makes images "
                                   f"({limits.task}); use /v1/images/generations")
         fps = limits.default_fps if body.fps is None else body.fps
+        check_fps(fps)      # before it scales `seconds` (a huge fps would overflow the float arithmetic)
         if body.num_frames is not None:
             num_frames = body.num_frames
         elif body.seconds is not None:
@@ -270,29 +354,28 @@ def create_app(service: GatewayService) -> FastAPI:
             prompt=body.prompt, model=body.model or "", width=width, height=height, num_frames=num_frames,
             negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, guidance_scale_2=body.guidance_scale_2, seed=body.seed,
-            format="mp4", fps=fps, request_id=request.headers.get("x-request-id", ""),
-            image=image_bytes(body.input_reference),
+            format="mp4", fps=fps, request_id=header_request_id(request),
+            image=image_bytes(body.input_reference), owner=owner_of(request),
         )
         with request_context(generation.request_id):
-            job = await service.submit(generation, prefix="video")
-            service.start_background(job)
+            job = await service.submit(generation, prefix="video", stream=False)
             logger.info("video job %s queued", job.id)
         return video_object(job)
 
     @app.get("/v1/videos/{job_id}")
-    async def get_video(job_id: str) -> dict:
-        return video_object(service.jobs.get(job_id))
+    async def get_video(job_id: str, request: Request) -> dict:
+        return video_object(await service.job_of(job_id, owner_of(request)))
 
     @app.get("/v1/videos/{job_id}/content")
-    async def get_video_content(job_id: str) -> Response:
-        job = service.jobs.get(job_id)
+    async def get_video_content(job_id: str, request: Request) -> Response:
+        job = await service.job_of(job_id, owner_of(request))
         if job.status != JobStatus.COMPLETED:
             return error_response(409, f"video {job_id} is {job.status.value}, not completed", "id")
-        return Response(job.media[0].data, media_type="video/mp4")
+        return output_response(job, 0)
 
     @app.delete("/v1/videos/{job_id}")
-    async def cancel_video(job_id: str) -> dict:
-        return video_object(service.jobs.cancel(job_id))
+    async def cancel_video(job_id: str, request: Request) -> dict:
+        return video_object(await service.cancel_job(job_id, owner_of(request)))
 
     async def model_object(name: str) -> dict:
         limits = await service.pipeline.limits(name)
@@ -310,6 +393,9 @@ def create_app(service: GatewayService) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if service.draining:    # SIGTERM: load balancers should send nothing new while accepted jobs finish
+            return JSONResponse({"status": "draining", "error": {"message": "the gateway is shutting down"}},
+                                status_code=503)
         stages = await service.pipeline.health()
         if all(stages.values()):
             return JSONResponse({"status": "ok", "stages": stages})

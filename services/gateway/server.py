@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import pathlib
 import time
 
 import grpc
+import sqlalchemy
 import uvicorn
 
 from diffmesh.v1 import (
@@ -22,13 +24,23 @@ from diffmesh.v1 import (
 from services.common import logs
 from services.common.errors import InvalidArgument
 from services.common.logs import request_context
-from services.common.server import StartupError, request_id_from, rpc_method, run_server, run_until_stopped
+from services.common.server import (
+    StartupError,
+    is_loopback,
+    request_id_from,
+    rpc_method,
+    run_server,
+    run_until_stopped,
+)
 from services.common.stage import write_port_file
 from services.common.tensors import iter_media_chunks
+from services.common.tls import uvicorn_options
 from services.families.wire import limits_to_proto
 from services.gateway import rest
 from services.gateway.config import GatewayConfig, add_arguments, load_config
+from services.gateway.http_limits import bounded_h11
 from services.gateway.jobs import Job, JobStatus, JobStore
+from services.gateway.outputs import LocalOutputStore
 from services.gateway.pipeline import (
     FORMAT_ENUM,
     Event,
@@ -40,8 +52,11 @@ from services.gateway.pipeline import (
 )
 from services.gateway.service import GatewayService
 from services.gateway.stages import StagePool
+from services.gateway.store import JobDatabase, lock_file, redacted, sqlite_path
 
 logger = logging.getLogger(__name__)
+
+AUTHORIZATION_KEY = "authorization"     # gRPC metadata keys are lower case: "authorization: Bearer KEY"
 
 FORMAT_NAMES = {value: name for name, value in FORMAT_ENUM.items()}
 JOB_STATUS = {
@@ -59,6 +74,7 @@ def job_to_proto(job: Job) -> gateway_pb2.Job:
         id=job.id, model=r.model, status=JOB_STATUS[job.status], progress=job.progress,
         error=job.error.message if job.error else "", created_at=int(job.created_at),
         completed_at=int(job.completed_at or 0), width=r.width, height=r.height, num_frames=r.num_frames,
+        queue_position=job.queue_position or 0,
     )
 
 
@@ -66,8 +82,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, service: GatewayService) -> None:
         self.service = service
 
+    def admit(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's owner id from its `authorization` metadata; the first thing every method does, so a request
+        without a valid key does no work at all (UNAUTHENTICATED)."""
+        authorization = next((str(value) for key, value in context.invocation_metadata() or ()
+                              if key == AUTHORIZATION_KEY), None)
+        return self.service.admit(authorization)
+
     @rpc_method
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        owner = self.admit(context)
         if request.format not in FORMAT_NAMES:
             raise InvalidArgument("format", f"unknown media format {request.format}")
         def given(field: str):
@@ -81,7 +105,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             true_cfg_scale=given("true_cfg_scale"), guidance_scale_2=given("guidance_scale_2"), seed=given("seed"),
             n=given("n"), format=FORMAT_NAMES[request.format], fps=given("fps"), return_latents=request.return_latents,
             return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
-            image=request.image,
+            image=request.image, owner=owner,
         )
         client_deadline = context.time_remaining()
         if client_deadline is not None and client_deadline < (generation.timeout_s or float("inf")):
@@ -91,7 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             job = await self.service.submit(generation)
             # The client going away (cancel, deadline) does not cancel this handler in grpc.aio; the RPC's
             # done-callback fires, and cancelling the job stops the stage call in flight.
-            context.add_done_callback(lambda _: self.service.jobs.cancel(job.id))
+            context.add_done_callback(lambda _: self.service.jobs.abandon(job.id))
             started = time.monotonic()
             logger.info("job %s accepted: %dx%d, %d frames, %d steps", job.id, generation.width,
                         generation.height, generation.num_frames, generation.num_inference_steps)
@@ -107,14 +131,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_method
     async def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext):
-        return job_to_proto(self.service.jobs.get(request.job_id))
+        return job_to_proto(await self.service.job_of(request.job_id, self.admit(context)))
 
     @rpc_method
     async def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.aio.ServicerContext):
-        return job_to_proto(self.service.jobs.cancel(request.job_id))
+        return job_to_proto(await self.service.cancel_job(request.job_id, self.admit(context)))
 
     @rpc_method
     async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
+        self.admit(context)
         models = []
         for name in self.service.models:
             limits = await self.service.pipeline.limits(name)
@@ -137,24 +162,50 @@ def event_to_proto(event: Event) -> list[gateway_pb2.GenerateEvent]:
 
 def build_service(config: GatewayConfig) -> GatewayService:
     stall = config.stage_stall_timeout_s
+    # TLS to the stages once a CA to verify them is given (presenting the gateway's certificate, if any).
+    tls = config.tls if config.tls is not None and config.tls.ca else None
     routes = [
         ModelRoute(
             model.name,
-            StagePool("encoder", list(model.encoder), encoder_pb2_grpc.EncoderStub, stall),
-            StagePool("denoiser", list(model.denoiser), denoiser_pb2_grpc.DenoiserStub, stall),
-            StagePool("decoder", list(model.decoder), decoder_pb2_grpc.DecoderStub, stall),
+            StagePool("encoder", list(model.encoder), encoder_pb2_grpc.EncoderStub, stall, tls),
+            StagePool("denoiser", list(model.denoiser), denoiser_pb2_grpc.DenoiserStub, stall, tls),
+            StagePool("decoder", list(model.decoder), decoder_pb2_grpc.DecoderStub, stall, tls),
         )
         for model in config.models
     ]
-    pipeline = MeshPipeline(routes, config.max_output_pixels)
-    return GatewayService(config, pipeline, JobStore(max_active=config.max_active_jobs))
+    pipeline = MeshPipeline(routes, config.max_output_pixels, config.max_steps)
+    return GatewayService(config, pipeline, build_job_store(config, pipeline))
+
+
+def build_job_store(config: GatewayConfig, pipeline: MeshPipeline) -> JobStore:
+    """Jobs in SQLite under --data-dir (this gateway alone: a lock file says so) or in --database-url's shared
+    database; outputs under --data-dir either way."""
+    data_dir = pathlib.Path(config.data_dir).expanduser()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        url = config.database_url or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
+        exclusive = url.startswith("sqlite")
+        lock = lock_file(sqlite_path(url) + ".lock") if exclusive else None
+        db = JobDatabase(url)
+    except (OSError, RuntimeError, sqlalchemy.exc.SQLAlchemyError) as error:
+        raise StartupError(f"cannot open the job database ({redacted(config.database_url) or data_dir}): "
+                           f"{str(error).splitlines()[0]}") from None
+    jobs = JobStore(db, LocalOutputStore(data_dir / "outputs"), pipeline, max_queued=config.max_queued_jobs,
+                    instance_id=config.instance_id or None, exclusive=exclusive,
+                    retention_age_s=config.retention_age_s, retention_bytes=config.retention_bytes,
+                    stage_wait_s=config.stage_wait_s)
+    jobs.lock = lock     # held (open) for the life of the process; the kernel lets go when it ends, however
+    return jobs
 
 
 async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
     service = build_service(config)
     http = uvicorn.Server(uvicorn.Config(
         rest.create_app(service), host=config.host, port=config.http_port, log_config=None,
-        timeout_graceful_shutdown=int(config.grace_seconds),
+        timeout_graceful_shutdown=int(config.grace_seconds), **uvicorn_options(config.tls),
+        # Idle keep-alive connections (and bodies stalled that long) close after --idle-timeout; headers not
+        # complete in --header-timeout, too.
+        http=bounded_h11(config.header_timeout_s, config.idle_timeout_s), timeout_keep_alive=config.idle_timeout_s,
     ))
     # uvicorn would install its own SIGINT/SIGTERM handlers; run_server owns shutdown for both servers.
     http.install_signal_handlers = lambda: None
@@ -171,8 +222,12 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
             raise StartupError(f"could not start HTTP on {config.host}:{config.http_port}")
         await asyncio.sleep(0.05)
     http_port = http.servers[0].sockets[0].getsockname()[1]
+    if not service.gatekeeper.keys.enabled and not is_loopback(config.host):
+        logger.warning("no API keys configured and bound to %s: any client that reaches the gateway can use it, and "
+                       "see and cancel every job (--api-key or DIFFMESH_API_KEYS)", config.host)
+    scheme = "https" if config.tls is not None and config.tls.serves_tls else "http"
     for model in config.models:
-        logger.info("REST on http://%s:%d, model %s: encoder=%s denoiser=%s decoder=%s", config.host, http_port,
+        logger.info("REST on %s://%s:%d, model %s: encoder=%s denoiser=%s decoder=%s", scheme, config.host, http_port,
                     model.name, ",".join(model.encoder), ",".join(model.denoiser), ",".join(model.decoder))
 
     def started(grpc_port: int) -> None:
@@ -180,12 +235,20 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
             write_port_file(port_file, f"{grpc_port} {http_port}")
 
     try:
+        await service.jobs.start()      # resumes every job a previous run left unfinished
         await run_server(
             services=[(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(service),
                        "diffmesh.v1.Gateway")],
             host=config.host, port=config.grpc_port, grace_seconds=config.grace_seconds, on_started=started,
+            # On SIGTERM, at once: new jobs get 503 naming the gateway and REST /health says "draining".
+            on_stopping=lambda: setattr(service, "draining", True), always_drain=True,
+            # The front door takes no client certificates: clients authenticate with API keys.
+            tls=config.tls, require_client_cert=False,
+            idle_timeout_s=config.idle_timeout_s, handshake_timeout_s=config.header_timeout_s,
         )
     finally:
+        # Running jobs get what is left of the grace period; the rest stays in the database for the next start.
+        await service.jobs.shutdown(config.grace_seconds)
         http.should_exit = True
         await http_task
         await service.pipeline.close()

@@ -6,7 +6,9 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 
-from services.common.errors import Unavailable
+from services.common.errors import NotFound, Unavailable
+from services.common.limits import check_request_id
+from services.gateway.auth import Gatekeeper
 from services.gateway.config import GatewayConfig
 from services.gateway.jobs import Job, JobStore, new_job_id
 from services.gateway.pipeline import Event, GenerationRequest, MeshPipeline
@@ -22,8 +24,37 @@ class GatewayService:
         self.config = config
         self.pipeline = pipeline
         self.jobs = jobs
-        # Set on SIGTERM: no new job is accepted (503 naming the gateway) while accepted ones finish.
-        self.draining = False
+        self._draining = False
+        self.gatekeeper = Gatekeeper(config.api_keys, config.rate_limit_per_minute)
+
+    def admit(self, authorization: str | None) -> str:
+        """Who is calling (the API key's id; "" with no keys configured), before any work: Unauthenticated for a
+        missing or wrong key, ResourceExhausted past the key's rate limit."""
+        return self.gatekeeper.admit(authorization)
+
+    @property
+    def draining(self) -> bool:
+        """Set on SIGTERM: no new job is accepted (503 naming the gateway) and no queued job starts, while the
+        running ones finish (then JobStore.shutdown keeps the rest for the next start)."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        if value:
+            self.jobs.stop_dispatching()
+
+    async def job_of(self, job_id: str, owner: str) -> Job:
+        """The job if `owner` submitted it. Another key's job is NotFound exactly as a job that does not exist
+        (a 403 would tell the caller it exists)."""
+        job = await self.jobs.get(job_id)
+        if job.request.owner != owner:
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    async def cancel_job(self, job_id: str, owner: str) -> Job:
+        await self.job_of(job_id, owner)
+        return await self.jobs.cancel(job_id)
 
     @property
     def models(self) -> list[str]:
@@ -50,6 +81,7 @@ class GatewayService:
         return_frames: bool = False,
         request_id: str = "",
         image: bytes = b"",
+        owner: str = "",
     ) -> GenerationRequest:
         """The one frozen request: what the caller left out (None) takes the gateway's default, then the model's
         (from its limits), here and only here; what it gave is kept as given, so an explicit 0 fails validation
@@ -59,7 +91,7 @@ class GatewayService:
         limits = await self.pipeline.limits(name)
         d = self.config.defaults
         return GenerationRequest(
-            request_id=request_id or uuid.uuid4().hex[:16],
+            request_id=check_request_id(request_id, "request_id") if request_id else uuid.uuid4().hex[:16],
             model=name,
             prompt=prompt,
             negative_prompt=negative_prompt or "",
@@ -70,7 +102,7 @@ class GatewayService:
             guidance_scale=limits.default_guidance_scale if guidance_scale is None else float(guidance_scale),
             true_cfg_scale=1.0 if true_cfg_scale is None else float(true_cfg_scale),
             guidance_scale_2=None if guidance_scale_2 is None else float(guidance_scale_2),
-            seed=secrets.randbits(63) if seed is None else int(seed),
+            seed=secrets.randbits(32) if seed is None else int(seed),    # 0..MAX_SEED: seeds are 32-bit
             n=first_given(n, 1),
             format=format or "auto",
             fps=first_given(fps, limits.default_fps),
@@ -78,17 +110,19 @@ class GatewayService:
             return_frames=return_frames,
             timeout_s=self.config.request_timeout_s,
             image=image,
+            owner=owner,
         )
 
-    async def submit(self, request: GenerationRequest, prefix: str = "gen") -> Job:
-        """Validate and register a job; raises InvalidArgument / NotFound / ResourceExhausted before any work."""
+    async def submit(self, request: GenerationRequest, prefix: str = "gen", stream: bool = True) -> Job:
+        """Validate and queue a job (the queue runs it); raises InvalidArgument / NotFound / ResourceExhausted
+        before any work. `stream`: the caller reads the job's events with `events` (synchronous front doors);
+        without, the job runs for nobody and its outputs are kept (REST video jobs)."""
         if self.draining:
             raise Unavailable("gateway", "shutting down; retry on another gateway replica or after the restart")
         await self.pipeline.validate(request)
-        return self.jobs.create(request, new_job_id(prefix))
+        await self.pipeline.check_serving(request.model)
+        return await self.jobs.submit(request, new_job_id(prefix), stream=stream)
 
     def events(self, job: Job) -> AsyncIterator[Event]:
-        return self.jobs.track(job, self.pipeline.generate(job.request))
-
-    def start_background(self, job: Job) -> None:
-        self.jobs.start_background(job, self.pipeline.generate(job.request))
+        """A streamed job's events until it ends; raises what ended it, if not success. Stopping early cancels it."""
+        return self.jobs.events(job.id)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -50,8 +51,11 @@ def free_port() -> int:
 
 
 def start_mesh(model_dir: pathlib.Path, extra: list[str] | None = None) -> RunningMesh:
+    # Its own jobs directory: no two test meshes (nor a developer's own `diffmesh up`) share jobs.
+    data_dir = tempfile.mkdtemp(prefix="diffmesh-test-data-")
     argv = [sys.executable, "-m", "diffmesh.cli", "up", "--model", str(model_dir), "--grpc-port", "0",
-            "--http-port", "0", "--default-size", "32x32", "--default-steps", "3", *(extra or [])]
+            "--http-port", "0", "--default-size", "32x32", "--default-steps", "3", "--data-dir", data_dir,
+            *(extra or [])]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log: list[str] = []
@@ -78,13 +82,40 @@ def start_mesh(model_dir: pathlib.Path, extra: list[str] | None = None) -> Runni
     )
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a closed listener's TIME_WAIT does not count
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def mesh_ports(mesh: RunningMesh) -> list[int]:
+    """The ports of every server `diffmesh up` started (the gateway's two, each stage's)."""
+    addresses = [mesh.grpc_address, mesh.http_url.removeprefix("http://"), *mesh.stages.values()]
+    return [int(address.rsplit(":", 1)[1]) for address in addresses]
+
+
+def wait_ports_free(ports: list[int], timeout: float) -> list[int]:
+    """The ports still held once `timeout` has passed (empty: all freed)."""
+    deadline = time.monotonic() + timeout
+    while (held := [port for port in ports if not port_is_free(port)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return held
+
+
 def stop_mesh(mesh: RunningMesh) -> int:
+    """Stop `diffmesh up` as Ctrl-C does; once it has exited, every server it started is gone too."""
     mesh.process.send_signal(signal.SIGINT)
     try:
-        return mesh.process.wait(timeout=60)
+        code = mesh.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         mesh.process.kill()
         raise
+    assert wait_ports_free(mesh_ports(mesh), 5) == [], "diffmesh up exited leaving servers behind"
+    return code
 
 
 @pytest.fixture(scope="session")

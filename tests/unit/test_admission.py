@@ -111,3 +111,14 @@ def test_error_inside_the_gate_releases_the_slot():
             pass
 
     asyncio.run(scenario())
+
+
+def test_gateway_slots_never_overfill_the_smallest_stage():
+    from services.gateway.admission import stage_slots
+
+    # One running + one waiting per replica, never more than the stage admits, and unknown counts as one.
+    assert stage_slots([(1, 16)]) == 2
+    assert stage_slots([(1, 0)]) == 1
+    assert stage_slots([(4, 1)]) == 5
+    assert stage_slots([(1, 16), (1, 16), None]) == 5
+    assert stage_slots([]) == 1

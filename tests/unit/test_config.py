@@ -44,7 +44,10 @@ def toml_file(tmp_path):
                 'model_name = "file-model"',
                 'default_size = "640x320"',
                 "default_steps = 7",
-                "max_active_jobs = 3",
+                "max_queued_jobs = 3",
+                'data_dir = "/srv/diffmesh"',
+                'retention_age = "7d"',
+                'retention_bytes = "500M"',
             ]
         )
     )
@@ -74,7 +77,9 @@ def test_file_overrides_defaults(toml_file):
     assert config.model_name == "file-model"
     assert (config.defaults.width, config.defaults.height) == (640, 320)
     assert config.defaults.num_inference_steps == 7
-    assert config.max_active_jobs == 3
+    assert config.max_queued_jobs == 3
+    assert config.data_dir == "/srv/diffmesh"
+    assert (config.retention_age_s, config.retention_bytes) == (7 * 86400, 500 << 20)
 
 
 def test_config_file_can_come_from_env(monkeypatch, toml_file):
@@ -217,3 +222,40 @@ def test_a_model_routed_twice_is_refused():
     with pytest.raises(ValueError, match="routed twice"):
         _load("--route", "wan encoder=e:1 denoiser=d:2 decoder=c:3",
               "--route", "wan encoder=e:4 denoiser=d:5 decoder=c:6")
+
+
+def test_job_storage_defaults_and_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFMESH_HOME", str(tmp_path))
+    config = _load()
+    assert config.data_dir == str(tmp_path / "data")
+    assert config.database_url == ""                       # SQLite under the data dir
+    assert (config.retention_age_s, config.retention_bytes) == (86400, 10 << 30)
+    assert config.max_queued_jobs == 256
+    monkeypatch.setenv("DIFFMESH_DATABASE_URL", "postgresql://gw@db/jobs")
+    monkeypatch.setenv("DIFFMESH_DATA_DIR", str(tmp_path / "env"))
+    config = _load("--retention-age", "90", "--retention-bytes", "0", "--max-queued-jobs", "8")
+    assert (config.database_url, config.data_dir) == ("postgresql://gw@db/jobs", str(tmp_path / "env"))
+    assert (config.retention_age_s, config.retention_bytes, config.max_queued_jobs) == (90.0, 0, 8)
+    for bad in (("--retention-age", "soon"), ("--retention-bytes", "lots"), ("--max-queued-jobs", "0")):
+        with pytest.raises(ValueError):
+            _load(*bad)
+
+
+def test_input_limits_defaults_flags_and_file(tmp_path):
+    base = _load()
+    assert (base.max_steps, base.max_body_bytes, base.idle_timeout_s, base.header_timeout_s) == (200, 32 << 20, 60, 10)
+    path = tmp_path / "limits.toml"
+    path.write_text("max_steps = 8\nmax_body_bytes = 1024\nidle_timeout = 5\nheader_timeout = 2.5\n")
+    from_file = _load("--config", str(path))
+    assert (from_file.max_steps, from_file.max_body_bytes, from_file.idle_timeout_s, from_file.header_timeout_s) == (
+        8, 1024, 5.0, 2.5)
+    flags = _load("--config", str(path), "--max-steps", "2", "--max-body-bytes", "99", "--idle-timeout", "1",
+                  "--header-timeout", "0.5")
+    assert (flags.max_steps, flags.max_body_bytes, flags.idle_timeout_s, flags.header_timeout_s) == (2, 99, 1, 0.5)
+
+
+@pytest.mark.parametrize("argv", [("--max-steps", "0"), ("--max-body-bytes", "0"), ("--idle-timeout", "0"),
+                                  ("--header-timeout", "-1")])
+def test_input_limits_must_be_positive(argv):
+    with pytest.raises(ValueError):
+        _load(*argv)

@@ -33,6 +33,8 @@ def test_gang_on_xpu_initialises_xccl_on_its_local_device(monkeypatch):
         "set_device": staticmethod(lambda index: calls.setdefault("set_device", index)),
     }))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    # The rendezvous store is torch's own TCP store (tested by the CPU gang runs); no store is reachable here.
+    monkeypatch.setattr(distributed, "rendezvous_store", lambda rank, world_size, timeout: (None, None))
 
     def init_process_group(backend, rank, world_size, **options):
         calls.update(backend=backend, rank=rank, world_size=world_size, **options)

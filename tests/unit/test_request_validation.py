@@ -8,6 +8,7 @@ import math
 import pytest
 
 from services.common.errors import InvalidArgument
+from services.common.limits import MAX_SEED, check_request_id
 from services.families.base import Limits
 from services.gateway.pipeline import MAX_PROMPT_CHARS, GenerationRequest
 
@@ -36,6 +37,9 @@ def test_valid_request_passes():
         {"format": "png"},
         {"format": "none", "num_frames": 9},
         {"prompt": "x" * MAX_PROMPT_CHARS},
+        {"seed": 0},
+        {"seed": 2**32 - 1},
+        {"prompt": "emoji \U0001F98A and \u00e9"},        # non-ASCII is fine; only unencodable text is not
     ],
     ids=lambda c: ",".join(f"{k}={str(v)[:12]}" for k, v in c.items()),
 )
@@ -70,6 +74,11 @@ def test_boundary_values_pass(changes):
         ("format", "gif"),
         ("fps", 0),
         ("seed", 2**63),
+        ("seed", 2**32),                # seeds are 32-bit: torch's CPU generator ignores the bits above
+        ("seed", -1),
+        ("fps", 121),
+        ("prompt", "a \ud800 cat"),      # a lone surrogate: legal in a str, in no UTF-8 message
+        ("negative_prompt", "\udfff"),
     ],
     ids=lambda v: repr(v)[:16] if not isinstance(v, str) or len(v) < 16 else f"len{len(v)}",
 )
@@ -141,3 +150,27 @@ def test_an_image_is_refused_only_where_the_model_neither_needs_nor_accepts_one(
     with pytest.raises(InvalidArgument) as info:
         VALID.validate(required)
     assert info.value.field == "image" and "needs a conditioning image" in info.value.message
+
+
+@pytest.mark.parametrize("request_id", ["a", "req-1", "0f3c:job.7_x", "r" * 128])
+def test_sane_request_ids_pass(request_id):
+    assert check_request_id(request_id) == request_id
+
+
+@pytest.mark.parametrize("request_id", ["", "a b", "a\nb", "r" * 129, "h\u00e9llo", "a/b", "a\x00", "x\r\nSet: y"])
+def test_other_request_ids_are_refused_without_echoing_them(request_id):
+    with pytest.raises(InvalidArgument) as info:
+        check_request_id(request_id, "request_id")
+    assert info.value.field == "request_id"
+    assert info.value.reason.startswith("must be 1..128 characters")   # the same text whatever was sent
+
+
+def test_torch_cpu_generator_keeps_only_the_low_32_bits_of_a_seed():
+    # Why seeds are 32-bit: if this ever fails, wider seeds draw different noise and the limit can go.
+    import torch
+
+    def draw(seed: int) -> torch.Tensor:
+        return torch.randn(16, generator=torch.Generator("cpu").manual_seed(seed))
+
+    assert torch.equal(draw(7), draw(7 + 2**32)) and not torch.equal(draw(7), draw(8))
+    assert MAX_SEED == 2**32 - 1

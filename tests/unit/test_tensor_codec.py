@@ -368,3 +368,30 @@ def test_receive_params_and_tensors_rejects_stream_ending_mid_tensor():
     with pytest.raises(InvalidArgument) as info:
         asyncio.run(receive_params_and_tensors(_stream(messages), ["prompt_embeds"]))
     assert info.value.field == "prompt_embeds.data"
+
+
+def test_a_streams_tensors_together_are_bounded_before_any_bytes():
+    assembler = TensorAssembler(["a", "b"], max_bytes=64)
+    for chunk in iter_chunks("a", torch.zeros(12, dtype=torch.float32)):    # 48 bytes: within
+        assembler.add(chunk)
+    with pytest.raises(InvalidArgument) as info:                            # 48 + 20 > 64, declared only
+        assembler.add(tensor_pb2.TensorChunk(name="b", dtype="float32", shape=[5], last=False))
+    assert info.value.field == "b.shape" and "64-byte limit" in info.value.message
+
+
+def test_assembled_tensor_is_writable_and_owns_its_memory():
+    tensor = _sample("bfloat16", (3, 5))
+    assembler = TensorAssembler()
+    for chunk in iter_chunks("t", tensor, chunk_bytes=7):
+        result = assembler.add(chunk)
+    name, received = result
+    _assert_identical(received, tensor)
+    received.add_(1)                    # no read-only buffer underneath
+    assert assembler.received == tensor.numel() * 2
+
+
+def test_discard_drops_a_partial_tensor():
+    assembler = TensorAssembler()
+    assembler.add(tensor_pb2.TensorChunk(name="x", dtype="uint8", shape=[1 << 20], data=b"\0" * 10, last=False))
+    assembler.discard()
+    assert assembler.tensors == {} and assembler._buffer is None

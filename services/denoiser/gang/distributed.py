@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,39 @@ def env_rank() -> tuple[int, int, int] | None:
     return rank, world, local_rank
 
 
+def rendezvous_store(rank: int, world_size: int,
+                     timeout: datetime.timedelta) -> tuple[dist.TCPStore | None, socket.socket | None]:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT, as init_process_group's env:// makes it, except that rank 0
+    listens on MASTER_ADDR's own address instead of on every interface. None under torchrun, whose agent hosts the
+    store.
+
+    torch.distributed's store (and gloo's and NCCL's sockets after it) has neither TLS nor authentication: whoever
+    reaches the port can join or disturb the gang. So it binds the one address the ranks use: loopback for
+    `--devices N` on one host, the pod's address in Kubernetes, where deploy/k8s/components/denoiser-gang adds a
+    NetworkPolicy that admits only the gang's own pods. If the address is not one of this host's (a VIP, a name
+    that does not resolve yet), rank 0 falls back to every interface, as torch does, and says so. Returns the store
+    and rank 0's listening socket, which must stay open as long as the store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        return None, None
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout), None
+    listener = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(world_size * 4)
+    except OSError as error:
+        if listener is not None:
+            listener.close()
+        logger.warning("rendezvous: cannot listen on %s:%d only (%s); listening on every interface", host, port, error)
+        return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout), None
+    store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=listener.fileno())
+    return store, listener
+
+
 class Gang:
     def __init__(self, layout: GangLayout, platform: Platform, rank: int, local_rank: int,
                  timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
@@ -58,6 +92,10 @@ class Gang:
         platform.apply_collective_env()
         if not dist.is_initialized():
             options = {"device_id": self.device} if platform.kind != "cpu" else {}
+            # The listening socket stays open with the Gang: rank 0's store serves on its descriptor.
+            self._store, self._listener = rendezvous_store(rank, layout.world_size, timeout)
+            if self._store is not None:
+                options["store"] = self._store
             dist.init_process_group(backend=platform.dist_backend, rank=rank, world_size=layout.world_size,
                                     timeout=timeout, **options)
         if dist.get_world_size() != layout.world_size:

@@ -9,6 +9,7 @@ import torch
 
 from services.common.models import ModelDir
 from services.common.platform import Platform
+from services.denoiser.compile import CompileOptions
 from services.denoiser.engine import DenoiserEngine
 from services.denoiser.gang.attention import LSE_KERNELS
 from services.denoiser.gang.distributed import Gang
@@ -18,7 +19,8 @@ from services.families import family_for
 from services.families.base import ParallelPlan
 
 
-def gang_engine(model: ModelDir, platform: Platform, dtype: torch.dtype | None, gang: Gang) -> DenoiserEngine:
+def gang_engine(model: ModelDir, platform: Platform, dtype: torch.dtype | None, gang: Gang,
+                compile: CompileOptions | None = None) -> DenoiserEngine:
     """This rank's engine. Fails with LayoutError, before loading anything, for a model the layout cannot split."""
     plan = check_gang_model(model, gang.layout)
     tp = gang.axis("tp")
@@ -33,7 +35,7 @@ def gang_engine(model: ModelDir, platform: Platform, dtype: torch.dtype | None, 
         return plan.sequence_parallel(whole, gang, lse_kernel)
 
     return DenoiserEngine(model, platform, dtype, device=gang.device, load=load,
-                          predict_noise=GangNoisePredictor(gang.axis("cfg")))
+                          predict_noise=GangNoisePredictor(gang.axis("cfg")), compile=compile)
 
 
 def check_gang_model(model: ModelDir, layout: GangLayout) -> ParallelPlan:

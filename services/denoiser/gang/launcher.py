@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from services.common.lifeline import child_env, end_with_parent
 from services.common.processes import wait_then_kill
 
 logger = logging.getLogger(__name__)
@@ -30,12 +31,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def launch_gang(module: str, argv: list[str], devices: int, grace_seconds: float) -> int:
-    """Run `python -m module argv` as ranks 0..devices-1; return the exit code for the launcher."""
+    """Run `python -m module argv` as ranks 0..devices-1; return the exit code for the launcher. The launcher ends
+    with its own parent (`diffmesh up`), and the ranks with the launcher, however it ends: the leader drains on
+    the SIGTERM it then gets and releases the others."""
+    end_with_parent()
+    # Loopback only: the rendezvous store and gloo's sockets have no TLS or authentication (torch offers none), so
+    # ranks on one host keep them off the network (gloo would otherwise bind the host name's address).
     master = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(devices),
               "LOCAL_WORLD_SIZE": str(devices)}
+    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
+        master["GLOO_SOCKET_IFNAME"] = "lo"
     children = []
     for rank in range(devices):
-        env = {**os.environ, **master, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        env = child_env({**os.environ, **master, "RANK": str(rank), "LOCAL_RANK": str(rank)})
         children.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
     logger.info("started a gang of %d processes (pids %s)", devices, [child.pid for child in children])
 

@@ -18,7 +18,8 @@ import signal
 
 from services.common import logs
 from services.common.server import StartupError, run_server
-from services.common.stage import StageSpec, serve_engine, setup_stage, write_port_file
+from services.common.stage import StageSpec, serve_engine, setup_stage, stage_tls, write_port_file
+from services.denoiser.compile import compile_from_args
 from services.denoiser.engine import DenoiserEngine
 from services.denoiser.gang.distributed import Gang
 from services.denoiser.gang.engine import gang_engine
@@ -47,8 +48,8 @@ async def serve_gang_rank(spec: StageSpec, args: argparse.Namespace, rank: int, 
         gang = await asyncio.to_thread(Gang, layout, platform, rank, local_rank,
                                        datetime.timedelta(seconds=args.gang_timeout))
         platform.share_host(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        engine = await asyncio.to_thread(gang_engine, model, platform, dtype, gang)
-    except (LayoutError, RuntimeError, OSError) as error:
+        engine = await asyncio.to_thread(gang_engine, model, platform, dtype, gang, compile_from_args(args))
+    except (LayoutError, RuntimeError, OSError, ValueError) as error:
         raise StartupError(str(error)) from error
     await asyncio.to_thread(gang.barrier)      # READY: every rank loaded before the leader reports SERVING
     if rank == 0:
@@ -103,6 +104,7 @@ async def follow_leader(args: argparse.Namespace, executor: GangExecutor, local_
     port_file = args.port_file
     health = asyncio.ensure_future(run_server(
         services=[], host=args.host, port=args.port, grace_seconds=0, stop_event=stop, handle_signals=False,
+        tls=stage_tls(args),
         on_started=(lambda port: write_port_file(port_file, str(port))) if port_file else None))
     try:
         await asyncio.to_thread(executor.follow)
