@@ -30,6 +30,19 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def stage_pids(mesh) -> dict[str, int]:
+    """The mesh's stage processes (children of its `diffmesh up`), by the module each serves."""
+    children = [int(pid) for task in pathlib.Path(f"/proc/{mesh.process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    found = {}
+    for pid in children:
+        command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for stage in ("encoder", "denoiser", "decoder"):
+            if f"services.{stage}.server".encode() in command:
+                found[stage] = pid
+    return found
+
+
 def post_video(http: str, body: dict) -> dict:
     reply = httpx.post(f"{http}/v1/videos", json=body, timeout=30)
     assert reply.status_code == 200, reply.text
@@ -164,6 +177,9 @@ def test_a_burst_beyond_the_queue_gets_429_with_retry_after_and_every_accepted_j
         warm = [post_video(http, {**SMALL, "seed": 1000 + n})["id"] for n in range(3)]
         wait_finished(http, warm, time.monotonic() + BOUND_S)
         idle = rss_bytes(process.pid)
+        stages = stage_pids(mesh)
+        assert set(stages) == {"encoder", "denoiser", "decoder"}
+        stages_idle = {stage: rss_bytes(pid) for stage, pid in stages.items()}
 
         started = time.monotonic()
         with EncoderFlood(mesh.stages["encoder"], mesh.model) as flood:
@@ -195,6 +211,10 @@ def test_a_burst_beyond_the_queue_gets_429_with_retry_after_and_every_accepted_j
               f"all done in {elapsed:.1f}s; gateway RSS "
               f"idle {idle / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, after {after / 2**20:.1f} MiB")
         assert after <= idle * 1.10, (idle, peak, after)
+        stages_after = {stage: rss_bytes(pid) for stage, pid in stages.items()}
+        print("stages' RSS idle -> after (MiB):", {stage: f"{stages_idle[stage] / 2**20:.0f} -> "
+                                                  f"{stages_after[stage] / 2**20:.0f}" for stage in stages})
+        assert all(stages_after[stage] <= stages_idle[stage] * 1.10 for stage in stages), (stages_idle, stages_after)
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
