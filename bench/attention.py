@@ -105,9 +105,9 @@ def bench_shape(platform, name: str, shape: tuple[int, int, int, int], device, i
     return results
 
 
-def bench_forward(platform, device, iters: int) -> dict:
-    """One Wan2.1-1.3B-shaped transformer forward at 480x832x81 under each SDPA kernel, with diffmesh's own
-    self-attention processor installed (as the denoiser runs it)."""
+def wan_1_3b_at_480p(device) -> tuple[torch.nn.Module, dict]:
+    """A Wan2.1-1.3B-shaped transformer (random bf16 weights, diffmesh's own self-attention processor, as the
+    denoiser runs it) and the keyword arguments of one forward at 480x832x81 (shared with bench/compile.py)."""
     from diffusers import WanTransformer3DModel
 
     from services.families.wan_attention import install_self_attention
@@ -117,9 +117,15 @@ def bench_forward(platform, device, iters: int) -> dict:
         model = WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
                                       num_layers=30).to(torch.bfloat16).eval()
     install_self_attention(model)
-    latents = torch.randn(1, 16, 21, 60, 104, device=device, dtype=torch.bfloat16)
-    text = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
-    timestep = torch.tensor([500.0], device=device)
+    inputs = {"hidden_states": torch.randn(1, 16, 21, 60, 104, device=device, dtype=torch.bfloat16),
+              "timestep": torch.tensor([500.0], device=device),
+              "encoder_hidden_states": torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)}
+    return model, inputs
+
+
+def bench_forward(platform, device, iters: int) -> dict:
+    """One Wan2.1-1.3B-shaped transformer forward at 480x832x81 under each SDPA kernel."""
+    model, inputs = wan_1_3b_at_480p(device)
     results = {}
     with torch.inference_mode():
         for backend in ["native", *(name for name in SDPA_KERNELS if name not in ("math", "overrideable"))]:
@@ -127,8 +133,7 @@ def bench_forward(platform, device, iters: int) -> dict:
 
             def run():
                 with choice.scope():
-                    return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
-                                 return_dict=False)[0]
+                    return model(**inputs, return_dict=False)[0]
 
             try:
                 ms = timed(run, warmup=2, iters=iters)

@@ -23,13 +23,11 @@ if str(ROOT) not in sys.path:
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
-from diffusers import WanTransformer3DModel  # noqa: E402
 
-from bench.attention import timed  # noqa: E402
+from bench.attention import timed, wan_1_3b_at_480p  # noqa: E402
 from services.common.attention import current_attention  # noqa: E402
 from services.common.platform import set_platform  # noqa: E402
 from services.denoiser.compile import CompileOptions, compile_blocks  # noqa: E402
-from services.families.wan_attention import install_self_attention  # noqa: E402
 
 
 def main() -> int:
@@ -41,18 +39,11 @@ def main() -> int:
     args = parser.parse_args()
     platform = set_platform(args.device)
     device = platform.device(0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
-                                      num_layers=30).to(torch.bfloat16).eval()
-    install_self_attention(model)
-    latents = torch.randn(1, 16, 21, 60, 104, device=device, dtype=torch.bfloat16)
-    text = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
-    timestep = torch.tensor([500.0], device=device)
+    model, inputs = wan_1_3b_at_480p(device)
 
     def forward() -> torch.Tensor:
         with current_attention().scope():
-            return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+            return model(**inputs, return_dict=False)[0]
 
     with torch.inference_mode():
         eager_out = forward()
