@@ -35,6 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.ranks import bind_to_driver, free_port, run_ranks  # noqa: E402
 from services.denoiser.gang.exchange import EXCHANGE_ENV  # noqa: E402
 
 SIZES = {480: (480, 832), 720: (720, 1280)}
@@ -121,6 +122,7 @@ def worker(args: argparse.Namespace) -> int:
     from services.families.base import StepCall
     from services.families.wan import BRANCH_KWARGS
 
+    bind_to_driver()
     flags = LAYOUTS[args.layout]
     layout = GangLayout(**flags)
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -215,30 +217,15 @@ def worker(args: argparse.Namespace) -> int:
 # The driver: every layout, then the peers ------------------------------------------------------------------
 
 
-def run_ranks(argv: list[str], world: int, env_extra: dict | None = None, timeout: float = 1200) -> list[dict]:
-    """Start `world` processes with torch.distributed's env; return rank 0's RESULT rows."""
-    from services.denoiser.gang.launcher import free_port
-
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world), **(env_extra or {})}
-    processes = [subprocess.Popen([sys.executable, *argv], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                  stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT if r == 0 else None, text=True)
-                 for r in range(world)]
-    output, _ = processes[0].communicate(timeout=timeout)
-    codes = []
-    for process in processes:
-        try:
-            codes.append(process.wait(timeout=60))
-        except subprocess.TimeoutExpired:
-            # A rank stuck in process-group teardown after rank 0 reported: the numbers are in; not a failure.
-            process.kill()
-            process.wait()
-            codes.append(0)
-    rows = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
-    if any(codes) or not rows:
-        tail = "\n".join(output.splitlines()[-15:])
-        return [{"error": f"exit codes {codes}", "log_tail": tail}]
+def gang_rows(argv: list[str], world: int, env: dict | None = None, port: int | None = None,
+              timeout: float = 1200) -> list[dict]:
+    """Run `world` ranks of `argv` (bench/ranks.py); return rank 0's RESULT rows, or one error row."""
+    run = run_ranks(argv, world, env, port=port, capture=True, timeout=timeout)
+    rows = [json.loads(line[len("RESULT "):]) for line in run.output.splitlines() if line.startswith("RESULT ")]
+    if not run.ok or not rows:
+        tail = "\n".join(run.output.splitlines()[-15:])
+        why = f"timed out after {timeout:.0f} s" if run.timed_out else f"exit codes {run.codes}"
+        return [{"error": why, "log_tail": tail}]
     return rows
 
 
@@ -248,16 +235,14 @@ def run_alone_on_every_gpu(argv: list[str], gpus: int) -> list[dict]:
     "one GPU". Returns GPU 0's rows, each with every GPU's times added (`per_gpu_*`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from services.denoiser.gang.launcher import free_port
-
     ports: list[int] = []
     while len(ports) < gpus:
         port = free_port()
         if port not in ports:
             ports.append(port)
     with ThreadPoolExecutor(gpus) as pool:
-        runs = list(pool.map(lambda i: run_ranks([*argv, "--gpu-label", str(i)], 1,
-                                                 {"CUDA_VISIBLE_DEVICES": str(i), "MASTER_PORT": str(ports[i])}),
+        runs = list(pool.map(lambda i: gang_rows([*argv, "--gpu-label", str(i)], 1, {"CUDA_VISIBLE_DEVICES": str(i)},
+                                                 port=ports[i]),
                              range(gpus)))
     rows = runs[0]
     for row in rows:
@@ -300,7 +285,7 @@ def driver(args: argparse.Namespace) -> int:
     if not args.skip_peers and device_platform.kind == "cuda":
         for size in [s for s in args.sizes if s in ("480", "720")]:
             for world, mode in peer_runs(args.peers, gpus):
-                rows = run_ranks([str(ROOT / "bench" / "peers" / "diffusers_cp.py")], world,
+                rows = gang_rows([str(ROOT / "bench" / "peers" / "diffusers_cp.py")], world,
                                  {"MODE": mode, "SIZE": str(size)})
                 for row in rows:
                     row.update(peer="diffusers", requested_mode=mode, devices=world, size_key=size)
@@ -319,7 +304,7 @@ def driver(args: argparse.Namespace) -> int:
         if name == "1" and gpus > 1 and device_platform.kind == "cuda" and not args.single_on_gpu0:
             rows = run_alone_on_every_gpu(argv, gpus)
         else:
-            rows = run_ranks(argv, world, {EXCHANGE_ENV: exchange} if exchange else None)
+            rows = gang_rows(argv, world, {EXCHANGE_ENV: exchange} if exchange else None)
         for row in rows:
             row.setdefault("layout", name)
             row.setdefault("exchange", exchange)

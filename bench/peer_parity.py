@@ -1,5 +1,7 @@
 """Why one GPU's transformer forward differs between diffmesh and the peer script: the same forward timed on
-several builds of the model with the same inputs, in one process, on one GPU. A diagnostic for bench/gang.py.
+several builds of the model with the same inputs, in one process, on one GPU. It backs what the README says of
+bench/gang.py's one-GPU row against the peer's: the peer builds its model all in bf16, diffmesh's loader keeps
+Wan's rope, norms and modulation in float32 as diffusers' from_pretrained does.
 
   peer            WanTransformer3DModel(...).to(bfloat16), as shared/peers/diffusers_cp.py builds it
   from_pretrained the model directory loaded as diffmesh loads it (diffusers keeps some modules in float32)

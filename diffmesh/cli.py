@@ -12,6 +12,9 @@ import tempfile
 import time
 import urllib.request
 
+from diffmesh.placement import ENV as PLACEMENT_ENV
+from diffmesh.placement import Placement, device_list, place_stages
+
 STAGE_MODULES = {
     "encoder": "services.encoder.server",
     "denoiser": "services.denoiser.server",
@@ -121,16 +124,36 @@ def denoiser_speed_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def stage_command(args: argparse.Namespace, stage: str, common: list[str], port_file: pathlib.Path,
+                  placement: Placement) -> tuple[list[str], dict[str, str]]:
+    """One stage's flags under `up`, and what `up` adds to its environment (its devices)."""
+    extra = [*gang_flags(args), *denoiser_speed_flags(args)] if stage == "denoiser" else []
+    port = str(getattr(args, f"{stage}_port") or 0)
+    return [*common, *extra, *placement.argv, "--port", port, "--port-file", str(port_file)], dict(placement.env)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.common.models import resolve_model_dir
     from services.gateway.config import default_data_dir
 
+    pinned = [f"--{stage}-port" for stage in STAGES if getattr(args, f"{stage}_port")]
+    if pinned and len(args.model or ()) > 1:
+        raise UsageError(f"{', '.join(pinned)} pin one process's port, and each --model has its own stage processes: "
+                         "give them with one --model only")
+    # Before anything is written or started: a device list that cannot be met is a usage error.
+    try:
+        placements = place_stages(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     # Written here, before any stage starts, so the stages never race to create the same directory.
-    models = [resolve_model_dir(path) for path in (args.model or [None])]
+    try:
+        models = [resolve_model_dir(path) for path in (args.model or [None])]
+    except (OSError, ValueError) as error:
+        print(f"diffmesh up failed: {error}", file=sys.stderr)
+        return 1
     names = [model.name for model in models]
     if len(set(names)) != len(names):
-        print(f"diffmesh up: two --model directories share a name: {names}", file=sys.stderr)
-        return 2
+        raise UsageError(f"two --model directories share a name: {names}")
     mesh = Mesh()
     stop_requested = False
 
@@ -158,19 +181,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                     common += ["--device", args.device]
                 if args.dtype:
                     common += ["--dtype", args.dtype]
+                if args.log_format:
+                    common += ["--log-format", args.log_format]
                 for stage in STAGES:
-                    extra = gang_flags(args) if stage == "denoiser" else []
-                    if stage == "denoiser":
-                        extra += denoiser_speed_flags(args)
-                    port_file = ports / f"{index}-{stage}"
-                    mesh.spawn(f"{model.name}/{stage}", [*common, *extra, "--port", "0", "--port-file",
-                                                         str(port_file)], stage)
-            addresses = [
-                {stage: f"{args.host}:" + mesh.wait_for_file(f"{model.name}/{stage}", ports / f"{index}-{stage}",
-                                                             args.start_timeout)
+                    argv, env = stage_command(args, stage, common, ports / f"{index}-{stage}", placements[stage])
+                    mesh.spawn(f"{model.name}/{stage}", argv, stage, env=env)
+            # Each stage's port file: "GRPC_PORT METRICS_PORT".
+            stage_ports = [
+                {stage: mesh.wait_for_file(f"{model.name}/{stage}", ports / f"{index}-{stage}",
+                                           args.start_timeout).split()
                  for stage in STAGES}
                 for index, model in enumerate(models)
             ]
+            addresses = [{stage: f"{args.host}:{found[0]}" for stage, found in model_ports.items()}
+                         for model_ports in stage_ports]
             gateway_argv = [
                 "--host", args.host, "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
                 "--port-file", str(ports / "gateway"),
@@ -178,12 +202,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                   for model, stages in zip(models, addresses, strict=True)],
             ]
             if args.default_size:
-                gateway_argv += ["--default-size", args.default_size]
+                gateway_argv += ["--default-size", "{}x{}".format(*args.default_size)]
             if args.default_steps:
                 gateway_argv += ["--default-steps", str(args.default_steps)]
             gateway_argv += ["--data-dir", str(args.data_dir or default_data_dir())]
             if args.rate_limit:
                 gateway_argv += ["--rate-limit", str(args.rate_limit)]
+            if args.log_format:
+                gateway_argv += ["--log-format", args.log_format]
             # Keys travel in the child's environment, not its argv, which every user of the host can list.
             mesh.spawn("gateway", [*gateway_argv, *tls_flags],
                        env={"DIFFMESH_API_KEYS": ",".join(args.api_key)} if args.api_key else None)
@@ -201,6 +227,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             first = " ".join(f"{stage}={address}" for stage, address in addresses[0].items())
             print(f"{READY_PREFIX} gateway grpc={args.host}:{grpc_port} http={scheme}://{args.host}:{http_port} "
                   f"model={models[0].name} {first}", flush=True)
+            # Prometheus endpoints: each stage's own (--metrics-port), the default model's first; the gateway's on
+            # its REST port.
+            for model, model_ports in zip(models, stage_ports, strict=True):
+                scraped = " ".join(f"{stage}=http://{args.host}:{found[1]}/metrics"
+                                   for stage, found in model_ports.items() if len(found) > 1)
+                print(f"diffmesh metrics: {scraped} model={model.name} "
+                      f"gateway={scheme}://{args.host}:{http_port}/metrics", flush=True)
             while not stop_requested:
                 mesh.check_alive()
                 time.sleep(0.2)
@@ -239,22 +272,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     output = pathlib.Path(args.output)
     suffix = output.suffix.lower()
-    if suffix not in (".png", ".mp4"):
-        print("error: -o must end in .png or .mp4", file=sys.stderr)
-        return 2
     frames = args.frames or (1 if suffix == ".png" else 17)
     request = gateway_pb2.GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt or "", model=args.model or "", num_frames=frames,
         n=args.n, format=decoder_pb2.MEDIA_FORMAT_PNG if suffix == ".png" else decoder_pb2.MEDIA_FORMAT_MP4,
     )
     if args.size:
-        width, _, height = args.size.lower().partition("x")
-        if not (width.isdecimal() and height.isdecimal()):
-            print(f"error: --size {args.size!r} is not WIDTHxHEIGHT", file=sys.stderr)
-            return 2
-        request.width, request.height = int(width), int(height)
+        request.width, request.height = args.size
     if args.image:
-        request.image = pathlib.Path(args.image).read_bytes()
+        try:
+            request.image = pathlib.Path(args.image).read_bytes()
+        except OSError as error:
+            print(f"diffmesh generate: --image {args.image}: {error.strerror or error}", file=sys.stderr)
+            return 1
     # Only what was given is set: the gateway applies the model's defaults to the rest.
     for field, value in (("seed", args.seed), ("guidance_scale", args.guidance_scale), ("fps", args.fps),
                          ("num_inference_steps", args.steps), ("true_cfg_scale", args.true_cfg_scale)):
@@ -262,6 +292,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             setattr(request, field, value)
     client = GatewayClient(args.gateway, tls_ca=args.tls_ca, api_key=args.api_key, tls=args.tls)
     bar = tqdm(total=100, unit="%", desc="generating", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}% {postfix}")
+    accepted: list[str] = []
 
     def on_progress(event) -> None:
         p = event.progress
@@ -269,7 +300,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{p.stage} {p.step}/{p.total_steps}")
 
     try:
-        result = client.generate(request, on_progress=on_progress, timeout=args.timeout)
+        result = client.generate(request, on_progress=on_progress, timeout=args.timeout,
+                                 on_accepted=lambda job_id, seed: accepted.append(job_id))
+    except KeyboardInterrupt:
+        bar.close()
+        return cancel_on_interrupt(client, accepted[0] if accepted else None)
     except grpc.RpcError as error:
         bar.close()
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
@@ -285,33 +320,116 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cancel_on_interrupt(client, job_id: str | None) -> int:
+    """Ctrl-C during `generate`: cancel the job on the gateway (it would otherwise run on for nobody), say so in one
+    line, and exit as a shell expects of an interrupted command (128 + SIGINT)."""
+    import grpc
+
+    from diffmesh.v1 import gateway_pb2
+
+    # A second Ctrl-C must not cut the cancellation short (nor print a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if job_id is None:
+        print("\ndiffmesh generate: interrupted before the gateway accepted the request", file=sys.stderr)
+        return 130
+    try:
+        job = client.cancel_job(job_id, timeout=10)
+        state = "cancelled" if job.status == gateway_pb2.JOB_STATUS_CANCELLED else "not cancelled: it had ended"
+    except grpc.RpcError as error:
+        state = f"not cancelled: {error.code().name}: {error.details()}"
+    print(f"\ndiffmesh generate: interrupted; job {job_id} {state}", file=sys.stderr)
+    return 130
+
+
+def output_file(text: str) -> str:
+    """`-o`: the suffix says what to make."""
+    if pathlib.Path(text).suffix.lower() not in (".png", ".mp4"):
+        raise argparse.ArgumentTypeError(f"{text!r} must end in .png (an image) or .mp4 (a video)")
+    return text
+
+
+# The environment variables the services read for these flags (services/common/models.py, platform.py,
+# attention.py, logs.py): literal here, so that `diffmesh --help` starts without importing torch.
+MODEL_ENV, DEVICE_ENV, ATTENTION_ENV, LOG_FORMAT_ENV = ("DIFFMESH_MODEL", "DIFFMESH_DEVICE",
+                                                        "DIFFMESH_ATTENTION_BACKEND", "DIFFMESH_LOG_FORMAT")
+# The denoiser's --gang-timeout default (services/denoiser/gang/distributed.py), shown in `up --help`.
+GANG_TIMEOUT_S = 120
+STAGE_HELP = {
+    "encoder": "text (and image) encoders: prompts to embeddings",
+    "denoiser": "the transformer's denoising loop, on one device or a gang of several (--devices)",
+    "decoder": "the VAE: latents to frames, then PNG / MP4",
+    "gateway": "the front door: OpenAI-style REST and gRPC, jobs, routing to the stages, API keys",
+}
+
+
+class UsageError(Exception):
+    """A command's flags do not go together: reported as argparse reports a bad flag (one line, exit 2)."""
+
+
+def version_line() -> str:
+    """`diffmesh 0.1.0 (torch 2.13.0, diffusers 0.42.0, python 3.11.7)`: what a bug report needs, one line, from
+    the installed packages' metadata (importing torch would cost seconds)."""
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(str(part) for part in sys.version_info[:3])
+    return (f"diffmesh {version('diffmesh')} (torch {version('torch')}, diffusers {version('diffusers')}, "
+            f"python {python})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffmesh", description="A serving mesh for diffusion models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from services.common import settings
 
-    serve = sub.add_parser("serve", help="run one stage", add_help=False)
-    serve.add_argument("stage", choices=sorted(STAGE_MODULES))
-    serve.add_argument("stage_args", nargs=argparse.REMAINDER, help="the stage's own flags (serve STAGE --help)")
-    serve.set_defaults(func=cmd_serve)
+    parser = settings.Parser(
+        prog="diffmesh", description="A serving mesh for diffusion models.",
+        epilog="Every command takes --config FILE.toml (keys: its flags' names) and some flags an environment "
+        "variable (named in their help): flags > environment > file > defaults.")
+    parser.add_argument("-V", "--version", action="version", version=version_line())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start encoder, denoiser, decoder and gateway locally")
+    serve = sub.add_parser("serve", help="run one stage, or the gateway, as its own server",
+                           description="Run one stage of the mesh, or the gateway, as its own gRPC server "
+                           "(`diffmesh serve STAGE --help` lists its flags).")
+    stages = serve.add_subparsers(dest="stage", required=True, metavar="STAGE", title="stages")
+    for name, text in STAGE_HELP.items():
+        # No prefix characters: every argument after STAGE, options included, is the stage's to parse.
+        stage = stages.add_parser(name, help=text, description=text, add_help=False, prefix_chars="\0")
+        stage.add_argument("stage_args", nargs="*", help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve, parser=serve)
+
+    up = sub.add_parser("up", help="start encoder, denoiser, decoder and gateway locally",
+                        description="Start the encoder, denoiser, decoder and gateway as separate processes on this "
+                        "host; Ctrl-C or SIGTERM stops them all.")
+    settings.add_config_argument(up)
     up.add_argument("--model", action="append", default=None, metavar="DIR",
                     help="diffusers model directory to serve; repeat to serve several, the first is the default "
                     "(default: the tiny Wan2.1 model)")
-    up.add_argument("--device", default=None, help="auto, xpu, cuda or cpu")
+    up.add_argument("--device", default=None, help="auto, xpu, cuda or cpu (default: auto)")
     up.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                    help="weights dtype (auto: float32 on cpu, bfloat16 on accelerators)")
+                    help="weights dtype (default: auto: float32 on cpu, bfloat16 on accelerators)")
     up.add_argument("--attention-backend", default=None, metavar="NAME",
-                    help="the denoiser's attention kernel (auto, native, cudnn, flash, efficient, math, ...)")
+                    help="the denoiser's attention kernel (auto, native, cudnn, flash, efficient, math, ...; "
+                    "default: auto)")
     up.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                    help="compile the denoiser's repeated transformer blocks (optional torch.compile mode)")
+                    help="compile the denoiser's repeated transformer blocks (optional torch.compile mode; "
+                    "default: off)")
     up.add_argument("--warmup-sizes", default=None, metavar="WxH[xF],...",
-                    help="sizes the denoiser compiles at start-up, before serving (with --compile)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--grpc-port", type=int, default=50051)
-    up.add_argument("--http-port", type=int, default=8000)
-    up.add_argument("--default-size", default=None, metavar="WxH", help="size when a request gives none")
-    up.add_argument("--default-steps", type=int, default=None, help="steps when a request gives none")
+                    help="sizes the denoiser compiles at start-up, before serving (with --compile; default: none)")
+    up.add_argument("--host", default="127.0.0.1", help="address every service binds")
+    up.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port (0 picks a free one)")
+    up.add_argument("--http-port", type=int, default=8000, help="the gateway's REST port (0 picks a free one)")
+    for stage in STAGES:
+        up.add_argument(f"--{stage}-port", type=int, default=0,
+                        help=f"the {stage}'s gRPC port (0 picks a free one; with one --model)")
+    up.add_argument("--default-size", type=settings.wxh, default=None, metavar="WxH",
+                    help="size when a request gives none (default: each model's own)")
+    up.add_argument("--default-steps", type=int, default=None,
+                    help="steps when a request gives none (default: each model's own)")
     up.add_argument("--data-dir", default=None,
                     help="the gateway's jobs database and outputs (default $DIFFMESH_HOME/data): jobs left unfinished "
                     "resume at the next `up` on the same directory")
@@ -322,62 +440,108 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tls-dir", default=None, metavar="DIR",
                     help="where --tls writes the development CA (default: a temporary directory removed on exit)")
     up.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                    help="an API key the gateway requires (repeat for several; env DIFFMESH_API_KEYS works too)")
-    up.add_argument("--rate-limit", type=float, default=None, metavar="N", help="requests per minute per API key")
+                    help="an API key the gateway requires (repeat for several; default: none, no key needed)")
+    up.add_argument("--rate-limit", type=float, default=None, metavar="N",
+                    help="requests per minute per API key (default: none)")
+    up.add_argument("--log-format", choices=["text", "json"], default=None,
+                    help="every service's log format (default: text)")
     gang = up.add_argument_group("denoiser gang",
                                  "the denoiser on several devices (devices = cfg x ring x ulysses x tp)")
     gang.add_argument("--devices", type=int, default=None, help="devices in the denoiser gang (default 1)")
-    gang.add_argument("--ulysses", type=int, default=None, help="Ulysses sequence-parallel degree")
-    gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree")
+    gang.add_argument("--ulysses", type=int, default=None,
+                      help="Ulysses sequence-parallel degree (default: what --cfg-parallel leaves of the devices, "
+                      "when --ring and --tp are not given either; else 1)")
+    gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree (default: 1)")
     gang.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on different devices")
-    gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
+    gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: 1)")
     gang.add_argument("--gang-timeout", type=float, default=None, metavar="SECONDS",
-                      help="how long a rank waits for the others in a collective before the gang counts as broken")
-    up.set_defaults(func=cmd_up)
+                      help="how long a rank waits for the others in a collective before the gang counts as broken "
+                      f"(default: {GANG_TIMEOUT_S}, the denoiser's)")
+    place = up.add_argument_group("device placement", "which devices each stage's processes see: indices among "
+                                  "those `up` sees (within CUDA_VISIBLE_DEVICES / ZE_AFFINITY_MASK when set, as in "
+                                  "torchrun); set as that variable in the stage's environment only; refused on cpu")
+    for stage, text in (("encoder", "the encoder's one device (default: every device `up` sees; it uses the first)"),
+                        ("denoiser", "the denoiser's devices, one gang rank each: 0,1 means --devices 2 (default: "
+                         "every device `up` sees; its --devices ranks use the first ones)"),
+                        ("decoder", "the decoder's devices, one rank each: 1,2 is a decoder gang of 2 (default: every "
+                         "device `up` sees; it uses the first)")):
+        place.add_argument(f"--{stage}-devices", type=device_list, default=None, metavar="I[,I...]", help=text)
+    settings.bind_env(up, **{f"{stage}_devices": name for stage, name in PLACEMENT_ENV.items()})
+    settings.bind_env(up, host="DIFFMESH_HOST", model=MODEL_ENV, device=DEVICE_ENV, attention_backend=ATTENTION_ENV,
+                      data_dir="DIFFMESH_DATA_DIR", api_key="DIFFMESH_API_KEYS", rate_limit="DIFFMESH_RATE_LIMIT",
+                      log_format=LOG_FORMAT_ENV)
+    up.set_defaults(func=cmd_up, parser=up)
 
-    gen = sub.add_parser("generate", help="generate an image (.png) or a video (.mp4) through a running gateway")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--model", default=None)
-    gen.add_argument("--size", default=None, metavar="WxH")
+    gen = sub.add_parser("generate", help="generate an image (.png) or a video (.mp4) through a running gateway",
+                         description="Generate through a running gateway (gRPC), showing progress; Ctrl-C cancels the "
+                         "job.")
+    settings.add_config_argument(gen)
+    gen.add_argument("--prompt", required=True, help="what to generate")
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from")
+    gen.add_argument("--model", default=None, help="the model's id or alias (default: the gateway's default model)")
+    gen.add_argument("--size", type=settings.wxh, default=None, metavar="WxH",
+                     help="width x height (default: the model's)")
     gen.add_argument("--frames", type=int, default=None, help="4k+1 (default: 1 for .png, 17 for .mp4)")
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--guidance-scale", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    gen.add_argument("--seed", type=int, default=None, help="noise seed (default: a random one, printed at the end)")
+    gen.add_argument("--n", type=int, default=1, help="how many outputs")
     gen.add_argument("--fps", type=int, default=None, help="frames per second of the MP4 (default: the model's)")
-    gen.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG with --negative-prompt (FLUX)")
-    gen.add_argument("--image", default=None, metavar="FILE", help="conditioning image (image-to-video models)")
-    gen.add_argument("--gateway", default=os.environ.get("DIFFMESH_GATEWAY", "127.0.0.1:50051"))
-    gen.add_argument("--tls-ca", default=os.environ.get("DIFFMESH_TLS_CA") or None, metavar="PEM",
-                     help="talk TLS to the gateway, verifying it against this CA (env DIFFMESH_TLS_CA)")
+    gen.add_argument("--true-cfg-scale", type=float, default=None,
+                     help="true CFG with --negative-prompt (FLUX; default: off)")
+    gen.add_argument("--image", default=None, metavar="FILE",
+                     help="conditioning image (image-to-video models; default: none)")
+    gen.add_argument("--gateway", default="127.0.0.1:50051", metavar="HOST:PORT", help="the gateway's gRPC address")
+    gen.add_argument("--tls-ca", default=None, metavar="PEM",
+                     help="talk TLS to the gateway, verifying it against this CA (default: none, plaintext)")
     gen.add_argument("--tls", action="store_true", help="talk TLS to the gateway, verified by the system's roots")
-    gen.add_argument("--api-key", default=os.environ.get("DIFFMESH_API_KEY") or None, metavar="KEY",
-                     help="sent as 'authorization: Bearer KEY' (env DIFFMESH_API_KEY)")
-    gen.add_argument("--timeout", type=float, default=3600.0)
-    gen.add_argument("-o", "--output", required=True, help="FILE.png or FILE.mp4")
-    gen.set_defaults(func=cmd_generate)
+    gen.add_argument("--api-key", default=None, metavar="KEY",
+                     help="sent as 'authorization: Bearer KEY' (default: none)")
+    gen.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    gen.add_argument("-o", "--output", type=output_file, required=True, metavar="FILE",
+                     help="FILE.png or FILE.mp4")
+    settings.bind_env(gen, gateway="DIFFMESH_GATEWAY", tls_ca="DIFFMESH_TLS_CA", api_key="DIFFMESH_API_KEY")
+    gen.set_defaults(func=cmd_generate, parser=gen)
 
     dev_ca = sub.add_parser("dev-ca", help="write a development CA, a server and a client certificate (mutual TLS)")
-    dev_ca.add_argument("dir")
+    settings.add_config_argument(dev_ca)
+    dev_ca.add_argument("dir", help="where to write them")
     dev_ca.add_argument("--name", action="append", default=[], metavar="NAME",
                         help="another DNS name or IP address for the server certificate (repeatable; localhost, "
                         "127.0.0.1, ::1 and this host's name are always in it)")
-    dev_ca.set_defaults(func=cmd_dev_ca)
+    dev_ca.set_defaults(func=cmd_dev_ca, parser=dev_ca)
 
     from services.common.tiny import WRITERS
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model directory of a family (offline)")
-    tiny.add_argument("dir")
-    tiny.add_argument("--family", default="wan", choices=sorted(WRITERS), help="model family (default: wan)")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=cmd_tiny_model)
+    settings.add_config_argument(tiny)
+    tiny.add_argument("dir", help="where to write it")
+    tiny.add_argument("--family", default="wan", choices=sorted(WRITERS), help="model family")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.set_defaults(func=cmd_tiny_model, parser=tiny)
+    for command in (up, gen, dev_ca, tiny):
+        settings.seal(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.common import settings
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    command = args.parser
+    try:
+        if args.func is not cmd_serve:       # `serve` hands its arguments to the stage, which resolves its own
+            args = settings.resolve(command, args)
+        return args.func(args)
+    except settings.SettingsError as error:
+        command.error(str(error))
+    except UsageError as error:
+        command.error(str(error))
+    except KeyboardInterrupt:
+        # Ctrl-C before a command has its own handling (imports, a stage still loading its model): no traceback.
+        print(f"\n{command.prog}: interrupted", file=sys.stderr)
+        return 130
+    return 2
 
 
 if __name__ == "__main__":

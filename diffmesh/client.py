@@ -45,8 +45,11 @@ class GatewayClient:
         request: gateway_pb2.GenerateRequest,
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
+        on_accepted: Callable[[str, int], None] | None = None,
+        on_preview: Callable[[gateway_pb2.PreviewImage], None] | None = None,
     ) -> GenerationResult:
-        """Run one generation; raises grpc.RpcError with the gateway's status on failure."""
+        """Run one generation; raises grpc.RpcError with the gateway's status on failure. `on_accepted(job_id,
+        seed)` runs once the gateway has the job (so a caller interrupted later can cancel it)."""
         # Imported here so a client that only needs stubs does not pull in the services package.
         from services.common.tensors import TensorAssembler
 
@@ -57,8 +60,12 @@ class GatewayClient:
             kind = event.WhichOneof("item")
             if kind == "accepted":
                 job_id, seed = event.accepted.job_id, event.accepted.seed
+                if on_accepted is not None:
+                    on_accepted(job_id, seed)
             elif kind == "progress" and on_progress is not None:
                 on_progress(event)
+            elif kind == "preview" and on_preview is not None:      # with request.preview_every
+                on_preview(event.preview)
             elif kind == "media":
                 mime, pieces = media.setdefault(event.media.index, (event.media.mime_type, []))
                 pieces.append(event.media.data)
@@ -68,6 +75,10 @@ class GatewayClient:
                 elapsed = event.completed.elapsed_seconds
         outputs = [(mime, b"".join(pieces)) for _, (mime, pieces) in sorted(media.items())]
         return GenerationResult(job_id, seed, outputs, assembler.finish(), elapsed)
+
+    def cancel_job(self, job_id: str, timeout: float = 10.0) -> gateway_pb2.Job:
+        return self.stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=job_id), timeout=timeout,
+                                   metadata=self.metadata)
 
     def list_models(self) -> list[str]:
         reply = self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10, metadata=self.metadata)

@@ -17,3 +17,13 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
     >/dev/null 2>&1 || echo "setup.sh: could not install postgresql; its tests will be skipped" >&2
 fi
+# iproute2 (`ip netns`, `ss`), for tests/integration/test_hosts.py's hosts in network namespaces; Debian's package,
+# only when missing. kubectl (its built-in kustomize renders deploy/k8s for the tests) comes with the machine's image;
+# without it or a standalone kustomize the deploy tests fail and say so.
+if ! command -v ip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2; } \
+    >/dev/null 2>&1 || echo "setup.sh: could not install iproute2; tests/integration/test_hosts.py will be skipped" >&2
+fi
+if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1; then
+  echo "setup.sh: neither kubectl nor kustomize is installed: tests/unit/test_deploy_files.py needs one" >&2
+fi

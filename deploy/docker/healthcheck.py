@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Container health check for diffmesh (docker compose `healthcheck`; Kubernetes uses native probes instead).
+"""Container health check for diffmesh (docker compose `healthcheck`, and the Kubernetes stages' exec probes).
 
     diffmesh-healthcheck grpc 127.0.0.1:50061               # grpc.health.v1.Health/Check, overall service ""
     diffmesh-healthcheck http http://127.0.0.1:8000/health  # any 2xx

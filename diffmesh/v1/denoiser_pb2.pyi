@@ -19,7 +19,7 @@ class ModelDescription(_message.Message):
     def __init__(self, id: _Optional[str] = ..., limits: _Optional[_Union[_tensor_pb2.ModelLimits, _Mapping]] = ...) -> None: ...
 
 class DenoiseParams(_message.Message):
-    __slots__ = ("request_id", "model", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "num_outputs", "true_cfg_scale", "guidance_scale_2")
+    __slots__ = ("request_id", "model", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "num_outputs", "true_cfg_scale", "guidance_scale_2", "preview_every")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class DenoiseParams(_message.Message):
     NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     width: int
@@ -42,7 +43,8 @@ class DenoiseParams(_message.Message):
     num_outputs: int
     true_cfg_scale: float
     guidance_scale_2: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_outputs: _Optional[int] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
+    preview_every: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_outputs: _Optional[int] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("params", "tensor")
@@ -52,10 +54,22 @@ class DenoiseRequest(_message.Message):
     tensor: _tensor_pb2.TensorChunk
     def __init__(self, params: _Optional[_Union[DenoiseParams, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
+class LatentPreview(_message.Message):
+    __slots__ = ("step", "total_steps", "image")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    image: _tensor_pb2.Tensor
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., image: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
 class DenoiseEvent(_message.Message):
-    __slots__ = ("progress", "tensor")
+    __slots__ = ("progress", "tensor", "preview")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     progress: _tensor_pb2.Progress
     tensor: _tensor_pb2.TensorChunk
-    def __init__(self, progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    preview: LatentPreview
+    def __init__(self, progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., preview: _Optional[_Union[LatentPreview, _Mapping]] = ...) -> None: ...

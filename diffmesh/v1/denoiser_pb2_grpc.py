@@ -53,7 +53,8 @@ class DenoiserServicer:
         """Client stream: one DenoiseRequest{params} first, then the encoder's conditioning tensors as TensorChunks,
         by the names the model's family takes (e.g. "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds").
         Server stream: one Progress per denoising step, then "latents" float32 as TensorChunks ([n, C, T, h, w] for
-        video families, [n, C, h, w] for image families).
+        video families, [n, C, h, w] for image families). With preview_every = k > 0, a LatentPreview follows the
+        Progress of steps k, 2k, ... before the last step (the final latents come at once after it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ JOB_STATUS_FAILED: JobStatus
 JOB_STATUS_CANCELLED: JobStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id", "true_cfg_scale", "guidance_scale_2", "image")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id", "true_cfg_scale", "guidance_scale_2", "image", "preview_every")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class GenerateRequest(_message.Message):
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -62,7 +63,8 @@ class GenerateRequest(_message.Message):
     true_cfg_scale: float
     guidance_scale_2: float
     image: bytes
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ...) -> None: ...
+    preview_every: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed")
@@ -80,19 +82,39 @@ class JobCompleted(_message.Message):
     elapsed_seconds: float
     def __init__(self, job_id: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
+class PreviewImage(_message.Message):
+    __slots__ = ("index", "step", "total_steps", "width", "height", "mime_type", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    step: int
+    total_steps: int
+    width: int
+    height: int
+    mime_type: str
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class GenerateEvent(_message.Message):
-    __slots__ = ("accepted", "progress", "media", "tensor", "completed")
+    __slots__ = ("accepted", "progress", "media", "tensor", "completed", "preview")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     progress: _tensor_pb2.Progress
     media: _tensor_pb2.MediaChunk
     tensor: _tensor_pb2.TensorChunk
     completed: JobCompleted
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., media: _Optional[_Union[_tensor_pb2.MediaChunk, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., completed: _Optional[_Union[JobCompleted, _Mapping]] = ...) -> None: ...
+    preview: PreviewImage
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[_tensor_pb2.Progress, _Mapping]] = ..., media: _Optional[_Union[_tensor_pb2.MediaChunk, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., completed: _Optional[_Union[JobCompleted, _Mapping]] = ..., preview: _Optional[_Union[PreviewImage, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "model", "status", "progress", "error", "created_at", "completed_at", "width", "height", "num_frames", "queue_position")

@@ -60,8 +60,9 @@ class GatewayServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams: JobAccepted, Progress events (encode, each denoise step, decode), the outputs as MediaChunks
-        (plus "latents" / "frames" TensorChunks when asked), and finally JobCompleted.
+        """Streams: JobAccepted, Progress events (encode, each denoise step, decode), PreviewImages when preview_every
+        asks for them (each after its step's Progress), the outputs as MediaChunks (plus "latents" / "frames"
+        TensorChunks when asked), and finally JobCompleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,6 +46,13 @@ def check_outputs(n: int) -> None:
         raise InvalidArgument("n", f"{n} is outside 1..{MAX_OUTPUTS}")
 
 
+def check_preview_every(preview_every: int, num_inference_steps: int) -> None:
+    """0 (off), or a preview every k steps with k at most the steps (a larger k would never send one)."""
+    if not 0 <= preview_every <= num_inference_steps:
+        raise InvalidArgument("preview_every", f"{preview_every} is outside 0..{num_inference_steps} "
+                              "(num_inference_steps; 0 turns previews off)")
+
+
 def check_fps(fps: int) -> None:
     if not 1 <= fps <= MAX_FPS:
         raise InvalidArgument("fps", f"{fps} is outside 1..{MAX_FPS}")

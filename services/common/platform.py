@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -73,6 +74,15 @@ class Platform:
             return 0
         return int(_accelerator_module(self.kind).max_memory_allocated())
 
+    def memory_in_use(self) -> tuple[int, int]:
+        """(bytes in use, peak bytes) of the memory this process computes in, for metrics: on an accelerator its
+        allocator's tensor bytes on the current device; on CPU, where that memory is the host's and torch keeps no
+        count, the process's resident set and its peak (Linux /proc and getrusage; 0 where neither exists)."""
+        if self.kind != "cpu":
+            return self.memory_allocated(), self.max_memory_allocated()
+        resident = _resident_bytes()
+        return resident, max(resident, _peak_resident_bytes())
+
     def reset_peak_memory(self) -> None:
         if self.kind != "cpu":
             _accelerator_module(self.kind).reset_peak_memory_stats()
@@ -100,6 +110,36 @@ class Platform:
         """float32 on CPU (exact, and bf16 matmuls are slow there); bfloat16 on accelerators."""
         return torch.float32 if self.kind == "cpu" else torch.bfloat16
 
+    def visible_devices(self, environ: Mapping[str, str] | None = None) -> list[str] | None:
+        """The entries of this platform's affinity variable in `environ` (default: this process's), one per visible
+        device; None where it is unset (every device visible) or the platform has none (CPU)."""
+        if self.visible_devices_env is None:
+            return None
+        value = (os.environ if environ is None else environ).get(self.visible_devices_env)
+        if value is None:
+            return None
+        return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+    def affinity_env(self, indices: Sequence[int], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment that shows a child process only the devices at `indices` of those `environ` (default:
+        this process's) shows. An index is a position in the visible set, as in torchrun and vLLM: under
+        CUDA_VISIBLE_DEVICES=2,3, index 1 is GPU 3. The child numbers its devices 0.. in the order given, and a
+        gang rank's LOCAL_RANK picks among them. ValueError, saying what to change, on a platform with no affinity
+        variable (CPU: its processes all share the host) or for an index beyond the visible devices."""
+        if self.visible_devices_env is None:
+            raise ValueError(f"the {self.kind} platform has no devices to choose from: its processes share the host "
+                             "(drop the device list)")
+        visible = self.visible_devices(environ)
+        count = len(visible) if visible is not None else self.device_count()
+        beyond = [index for index in indices if not 0 <= index < count]
+        if beyond:
+            seen = f" ({self.visible_devices_env}={','.join(visible)})" if visible is not None else ""
+            shown = f"0-{count - 1}" if count > 1 else ("0" if count else "none")
+            raise ValueError(f"device {beyond[0]} is not visible: {count} {self.kind} device(s) are{seen}, "
+                             f"indices {shown}")
+        chosen = [visible[index] for index in indices] if visible is not None else [str(index) for index in indices]
+        return {self.visible_devices_env: ",".join(chosen)}
+
 
 PLATFORMS: dict[str, Platform] = {
     "xpu": Platform("xpu", "xccl", "ZE_AFFINITY_MASK", lse_attention="fused_overrideable"),
@@ -113,6 +153,22 @@ PLATFORMS: dict[str, Platform] = {
                      )),
     "cpu": Platform("cpu", "gloo", None, lse_attention="flash_cpu"),
 }
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _peak_resident_bytes() -> int:
+    try:
+        import resource
+    except ImportError:     # not POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # KiB on Linux
 
 
 def _accelerator_module(kind: str):

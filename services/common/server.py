@@ -14,17 +14,18 @@ import inspect
 import ipaddress
 import logging
 import signal
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from services.common import logs, metrics
 from services.common.errors import Internal, InvalidArgument, MeshError, ResourceExhausted
 from services.common.grpc_guard import (
     DEFAULT_HANDSHAKE_TIMEOUT_S,
@@ -35,6 +36,7 @@ from services.common.grpc_guard import (
 from services.common.lifeline import end_with_parent
 from services.common.limits import check_request_id
 from services.common.logs import request_context
+from services.common.reflection import enable_reflection
 from services.common.tls import TlsFiles, server_credentials
 
 logger = logging.getLogger(__name__)
@@ -57,12 +59,28 @@ def request_id_from(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def _checked_request_id(context: grpc.aio.ServicerContext) -> str:
+def _message_request_id(request: Any) -> str:
+    """A request message's own `request_id` field when it holds a valid id ("" otherwise: no such field, a
+    client stream, or a bad value, which the handler rejects naming the field)."""
+    value = getattr(request, "request_id", "")
+    if not value or not isinstance(value, str):
+        return ""
     try:
-        return request_id_from(context)
+        return check_request_id(value, "request_id")
+    except InvalidArgument:
+        return ""
+
+
+async def _checked_request_id(request: Any, context: grpc.aio.ServicerContext) -> str:
+    """The id this call logs under and echoes in its initial metadata: the message's own `request_id` (it is what
+    the call's work goes by), else the caller's `x-request-id`, else a new one."""
+    try:
+        request_id = _message_request_id(request) or request_id_from(context)
     except InvalidArgument as error:
-        await context.abort_with_status(status_of(error))
+        await context.abort_with_status(refusal(error))
         raise   # abort_with_status always raises; this keeps type checkers sure the id is a str
+    await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    return request_id
 
 
 def status_of(error: MeshError) -> grpc.Status:
@@ -80,49 +98,92 @@ def status_of(error: MeshError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+# Codes that mean the request was refused rather than failed while served: counted as rejections.
+REFUSED_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
+                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE})
+
+
+def refusal(error: MeshError) -> grpc.Status:
+    """status_of(error), counted in diffmesh_rejections_total when its code is a refusal (reason: the field of a
+    bad argument, the stage that is unavailable)."""
+    if error.grpc_code in REFUSED_CODES:
+        reason = getattr(error, "field", None) or getattr(error, "stage", None) or ""
+        metrics.rejected(logs.service_name(), error.grpc_code.name, reason)
+    return status_of(error)
+
+
+def _code_of(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    return error.grpc_code.name if isinstance(error, MeshError) else grpc.StatusCode.INTERNAL.name
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
     if isinstance(error, MeshError):
         logger.info("request failed: %s %s", error.grpc_code.name, error.message)
-        await context.abort_with_status(status_of(error))
+        await context.abort_with_status(refusal(error))
     logger.exception("internal error")
     await context.abort(Internal("").grpc_code, f"internal error (request_id={request_id})")
+
+
+def _served(servicer: Any, method: str, code: str, started: float) -> None:
+    """A call's end: its access line (route: "Encoder/Encode") and its metrics."""
+    elapsed = time.monotonic() - started
+    metrics.rpc_served(logs.service_name(), method, code, elapsed)
+    logs.log_access("grpc", method, f"{type(servicer).__name__.removesuffix('Servicer')}/{method}", code, elapsed)
 
 
 def rpc_method(method: Callable) -> Callable:
     """Wrap a servicer method: bind the request id to the logs and map exceptions to status codes.
 
     Works for unary and server-streaming handlers alike. The client sees the MeshError's message, or
-    INTERNAL with the request id; the traceback goes to the log, never to the client.
+    INTERNAL with the request id; the traceback goes to the log, never to the client. The request id goes back
+    in the initial metadata (`x-request-id`); each call ends with an access line (method, status code, duration)
+    and is counted in diffmesh_grpc_requests_total. A client that cancels is an INFO line, not an error.
     """
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-            request_id = await _checked_request_id(context)
+            started = time.monotonic()
+            request_id = await _checked_request_id(request, context)
             with request_context(request_id):
-                logger.info("%s called", method.__name__)    # the access log: which requests a server saw
+                logger.info("%s called", method.__name__)    # which requests a server saw, as they arrive
+                code = grpc.StatusCode.OK.name
                 try:
                     async for item in method(self, request, context):
                         yield item
-                except asyncio.CancelledError:
-                    logger.info("cancelled by the client")
+                except asyncio.CancelledError as error:
+                    code = _code_of(error)
+                    logger.info("%s cancelled by the client", method.__name__)
                     raise
                 except Exception as error:  # noqa: BLE001 - the boundary: every error becomes a status
+                    code = _code_of(error)
                     await _abort(context, error, request_id)
+                finally:
+                    _served(self, method.__name__, code, started)
 
         return stream_wrapper
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-        request_id = await _checked_request_id(context)
+        started = time.monotonic()
+        request_id = await _checked_request_id(request, context)
         with request_context(request_id):
             logger.info("%s called", method.__name__)
+            code = grpc.StatusCode.OK.name
             try:
                 return await method(self, request, context)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as error:
+                code = _code_of(error)
+                logger.info("%s cancelled by the client", method.__name__)
                 raise
             except Exception as error:  # noqa: BLE001
+                code = _code_of(error)
                 await _abort(context, error, request_id)
+            finally:
+                _served(self, method.__name__, code, started)
 
     return unary_wrapper
 
@@ -192,10 +253,19 @@ class AdmissionGate:
         self.concurrency, self.max_queue = concurrency, max_queue
         self._capacity = concurrency + max_queue
         self._admitted = 0
+        self._running = 0
 
     @property
     def in_flight(self) -> int:
         return self._admitted
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        return self._admitted - self._running
 
     async def __aenter__(self) -> "AdmissionGate":
         if self._admitted >= self._capacity:
@@ -206,9 +276,11 @@ class AdmissionGate:
         except BaseException:
             self._admitted -= 1
             raise
+        self._running += 1
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._running -= 1
         self._semaphore.release()
         self._admitted -= 1
 
@@ -228,21 +300,25 @@ async def run_server(
     require_client_cert: bool = True,
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+    watch_health: Callable[[health.aio.HealthServicer], Awaitable[None]] | None = None,
 ) -> None:
     """Serve `services` = [(add_XServicer_to_server, servicer, full service name)] with health and reflection,
     until SIGTERM/SIGINT (unless `handle_signals` is false) or `stop_event`; then drain: `on_stopping()` and
     NOT_SERVING at once, new calls still taken for DRAIN_DELAY_S while anyone watches health, in-flight ones
     finished within `grace_seconds`. With `tls` holding a certificate the port serves TLS only; with its CA too (and
-    `require_client_cert`), mutual TLS: a client without a certificate signed by the CA fails the handshake."""
+    `require_client_cert`), mutual TLS: a client without a certificate signed by the CA fails the handshake.
+    `watch_health(servicer)`, when given, runs from SERVING until the drain and keeps the health statuses current
+    (the gateway: NOT_SERVING while a model's stage has no replica serving); the drain's NOT_SERVING overrides it.
+    Reflection answers in v1 and v1alpha."""
     # Every method answers a message that does not parse with INVALID_ARGUMENT; idle and half-open connections close.
     server = grpc.aio.server(options=CHANNEL_OPTIONS + server_options(idle_timeout_s, handshake_timeout_s),
-                             interceptors=[DecodeGuard(status_of)])
+                             interceptors=[DecodeGuard(refusal)])
     health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [name for _, _, name in services]
     for add_to_server, servicer, _ in services:
         add_to_server(servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health.SERVICE_NAME], server)
     address = f"{host}:{port}"
     secure = tls is not None and tls.serves_tls
     if not secure and not is_loopback(host):
@@ -257,7 +333,9 @@ async def run_server(
     if bound_port == 0:
         raise StartupError(f"could not bind gRPC to {host}:{port} (in use, or not an address of this host)")
     await server.start()
-    for name in [*names, ""]:
+    # With a watch_health, it owns every status from the start (it sets them before it first waits).
+    health_watch = asyncio.ensure_future(watch_health(health_servicer)) if watch_health is not None else None
+    for name in [*names, ""] if health_watch is None else []:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     mode = ("mutual TLS" if tls.ca and require_client_cert else "TLS") if secure else "plaintext"
     logger.info("serving %s on %s:%d (%s)", ", ".join(names), host, bound_port, mode)
@@ -276,6 +354,8 @@ async def run_server(
     # their new calls elsewhere before it refuses any. Then no new calls; in-flight ones finish within the grace.
     if on_stopping is not None:
         on_stopping()
+    if health_watch is not None:
+        health_watch.cancel()
     await health_servicer.enter_graceful_shutdown()
     # The delay is for the clients watching; with none (a stage whose gateways have gone) there is no one to tell.
     # `always_drain`: the gateway, whose REST /health pollers cannot be counted.

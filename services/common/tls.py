@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import ssl
 
 import grpc
+
+from services.common.settings import bind_env
 
 ENV = {"cert": "DIFFMESH_TLS_CERT", "key": "DIFFMESH_TLS_KEY", "ca": "DIFFMESH_TLS_CA"}
 
@@ -46,14 +47,13 @@ def add_tls_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group = parser.add_argument_group(
         "TLS", "with a certificate the server serves TLS; a stage given a CA too requires client certificates "
         "signed by it (mutual TLS); the gateway verifies the stages against the CA and presents its certificate")
-    env = os.environ.get
-    group.add_argument("--tls-cert", default=env(ENV["cert"]) or None, metavar="PEM",
-                       help=f"certificate chain to serve (and present as a client) (env {ENV['cert']})")
-    group.add_argument("--tls-key", default=env(ENV["key"]) or None, metavar="PEM",
-                       help=f"private key of --tls-cert (env {ENV['key']})")
-    group.add_argument("--tls-ca", default=env(ENV["ca"]) or None, metavar="PEM",
-                       help=f"CA bundle that peers' certificates must chain to (env {ENV['ca']})")
-    return parser
+    group.add_argument("--tls-cert", default=None, metavar="PEM",
+                       help="certificate chain to serve (and present as a client) (default: none, plaintext)")
+    group.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert (default: none)")
+    group.add_argument("--tls-ca", default=None, metavar="PEM",
+                       help="CA bundle that peers' certificates must chain to (default: none)")
+    # Read through the settings (services/common/settings.py): flags > env > the --config file > defaults.
+    return bind_env(parser, tls_cert=ENV["cert"], tls_key=ENV["key"], tls_ca=ENV["ca"])
 
 
 def tls_from_args(args: argparse.Namespace, server: bool = True) -> TlsFiles | None:

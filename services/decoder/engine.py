@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import torch
 
+from services.common import metrics
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image
 from services.common.limits import MAX_FRAMES, MAX_SIDE
@@ -59,10 +60,11 @@ class Decoded:
 
 class DecoderEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
-                 tiling: VaeTiling = VaeTiling()) -> None:
+                 tiling: VaeTiling = VaeTiling(), device: torch.device | None = None) -> None:
         self.model_name = model.name
-        self.device = platform.device()
+        self.device = device or platform.device()      # a gang rank's own device (services/decoder/gang.py)
         self.family = family_for(model)
+        self.limits = self.family.limits(model)
         self.decoding = self.family.decoding(model, dtype or platform.default_dtype(), self.device)
         self.tiling = tiling
         logger.info("decoder loaded %s (%s family) on %s, VAE tiling %s", model.path, self.family.name,
@@ -80,6 +82,10 @@ class DecoderEngine:
             raise InvalidArgument("format", "png holds one frame; use mp4 for num_frames > 1")
 
     def check_condition(self, params: ConditionParams) -> None:
+        # Refused here, at the boundary, not by the family's encode: a decoder gang's ranks must never start a
+        # request that fails on them (services/decoder/gang.py).
+        if not self.limits.takes_image:
+            raise InvalidArgument("image", f"{self.model_name} ({self.limits.task}) takes no conditioning image")
         for field in ("width", "height"):
             value = getattr(params, field)
             if not 1 <= value <= MAX_SIDE:
@@ -92,7 +98,8 @@ class DecoderEngine:
         """The conditioning image through the VAE's encoder, as the model's pipeline prepares it."""
         self.check_condition(params)
         image = decode_image(params.image)
-        with self.tiling.applied(self.decoding.vae, params.width * params.height):
+        with self.tiling.applied(self.decoding.vae, params.width * params.height), \
+                metrics.phase("condition_encode", self.model_name):
             return self.decoding.encode_condition(image, params.width, params.height, params.num_frames)
 
     @torch.inference_mode()
@@ -100,21 +107,30 @@ class DecoderEngine:
         # 1. Check inputs
         self.check(params, latents)
         # 2. The family's decode: de-normalise, VAE decode, post-process as its pipeline does (on the device)
+        frames = self.decode_frames(latents)                                         # [n, F, H, W, 3]
+        # 3. Encode files
+        return self.finish(params, frames)
+
+    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """Checked latents -> frames float32 [n, F, H, W, 3] in 0..1 on the device, tiled as the policy says."""
         frame_pixels = latents.shape[-2] * latents.shape[-1] * self.decoding.spatial_scale ** 2
-        with self.tiling.applied(self.decoding.vae, frame_pixels):
-            frames = self.decoding.decode(latents)                                   # [n, F, H, W, 3]
-        # 3. Encode files; pixels round as diffusers' numpy_to_pil does. Only uint8 pixels, and float frames
-        # when asked, cross to the CPU.
+        with self.tiling.applied(self.decoding.vae, frame_pixels), metrics.phase("decode", self.model_name):
+            return self.decoding.decode(latents)
+
+    def finish(self, params: DecodeParams, frames: torch.Tensor) -> Decoded:
+        """Frames -> the files asked for (and the frames themselves when asked). Pixels round as diffusers'
+        numpy_to_pil does; only uint8 pixels, and float frames when asked, cross to the CPU."""
         fmt = params.format
         if fmt == "auto":
             fmt = "png" if frames.shape[1] == 1 else "mp4"
         items: list[MediaItem] = []
         if fmt != "none":
-            pixels = (frames * 255).round().to(torch.uint8).cpu().numpy()
-            for clip in pixels:
-                if fmt == "png":
-                    items.append(MediaItem("image/png", media.encode_png(clip[0])))
-                else:
-                    items.append(MediaItem("video/mp4", media.encode_mp4(clip, params.fps)))
+            with metrics.phase("media_encode", self.model_name, format=fmt):
+                pixels = (frames * 255).round().to(torch.uint8).cpu().numpy()
+                for clip in pixels:
+                    if fmt == "png":
+                        items.append(MediaItem("image/png", media.encode_png(clip[0])))
+                    else:
+                        items.append(MediaItem("video/mp4", media.encode_mp4(clip, params.fps)))
         frames_out = frames.cpu().numpy() if params.return_frames else None
         return Decoded(media=items, frames=frames_out)

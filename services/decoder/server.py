@@ -1,22 +1,33 @@
-"""Decoder stage gRPC server: latents in; PNG/MP4 files (and raw frames when asked) out."""
+"""Decoder stage gRPC server: latents in; PNG/MP4 files (and raw frames when asked) out.
+
+On one device the servicer drives a `DecoderEngine`. With `--devices N` (or torch.distributed's env) the process is
+one rank of a decoder gang (services/decoder/gang.py): rank 0 serves gRPC with the same servicer over the gang's
+executor, and every rank decodes its rows of each frame.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import sys
 
 import grpc
 import torch
 
 from diffmesh.v1 import decoder_pb2, decoder_pb2_grpc
+from services.common import logs, settings
 from services.common.errors import InvalidArgument
 from services.common.models import check_model
-from services.common.server import AdmissionGate, rpc_method
-from services.common.stage import StageSpec, stage_main
+from services.common.platform import select_platform
+from services.common.server import AdmissionGate, rpc_method, run_until_stopped
+from services.common.stage import StageSpec, serve_stage, stage_parser
 from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
 from services.decoder import media
 from services.decoder.engine import ConditionParams, DecodeParams, DecoderEngine
 from services.decoder.tiling import add_tiling_arguments, tiling_from_args
+from services.denoiser.gang.distributed import DEFAULT_COLLECTIVE_TIMEOUT, env_rank
+from services.denoiser.gang.launcher import launch_gang
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +87,24 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                 yield chunk
 
 
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
+    add_tiling_arguments(parser)
+    gang = parser.add_argument_group("gang", "several devices decoding each video together, by rows of its frames")
+    gang.add_argument("--devices", type=int, default=None,
+                      help="processes/devices decoding each video together, exactly as one device does (default 1, "
+                      "or $WORLD_SIZE when launched by torchrun); the decode is not tiled then")
+    gang.add_argument("--gang-timeout", type=positive_seconds, default=DEFAULT_COLLECTIVE_TIMEOUT.total_seconds(),
+                      metavar="SECONDS", help="how long a rank waits in a collective for the others before the "
+                      "gang counts as broken (answers UNAVAILABLE and exits) (default %(default)s)")
+
+
 SPEC = StageSpec(
     name="decoder",
     service_name="diffmesh.v1.Decoder",
@@ -83,13 +112,44 @@ SPEC = StageSpec(
     engine_class=DecoderEngine,
     servicer_class=DecoderServicer,
     add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
-    add_arguments=add_tiling_arguments,
+    add_arguments=add_decoder_arguments,
     engine_options=tiling_from_args,
 )
 
 
+def gang_size(args: argparse.Namespace, joined: tuple[int, int, int] | None) -> int:
+    """How many ranks decode together; ValueError for flags that cannot work, before any process starts."""
+    devices = args.devices or (joined[1] if joined else 1)
+    if devices < 1:
+        raise ValueError(f"--devices must be at least 1, got {devices}")
+    if joined is not None and devices != joined[1]:
+        raise ValueError(f"--devices {devices} but WORLD_SIZE is {joined[1]}")
+    if joined is None and devices > 1:
+        platform = select_platform(args.device)
+        if platform.kind != "cpu" and platform.device_count() < devices:
+            raise ValueError(f"{devices} {platform.kind} devices requested, {platform.device_count()} visible")
+    return devices
+
+
 def main(argv: list[str] | None = None) -> None:
-    stage_main(SPEC, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = settings.parse_args(stage_parser(SPEC), argv)
+    try:
+        joined = env_rank()
+        devices = gang_size(args, joined)
+    except (RuntimeError, ValueError) as error:
+        logs.configure("decoder")
+        logger.error("cannot start: %s", error)
+        raise SystemExit(1) from None
+    if joined is not None:
+        # Only a gang's rank loads the gang's roles (and, through them, the denoiser gang's worker).
+        from services.decoder.gang import serve_decoder_rank
+
+        run_until_stopped(serve_decoder_rank(SPEC, args, *joined))
+    elif devices > 1:
+        raise SystemExit(launch_gang("services.decoder.server", argv, devices, args.grace))
+    else:
+        run_until_stopped(serve_stage(SPEC, args))
 
 
 if __name__ == "__main__":

@@ -62,9 +62,9 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     group = parser.add_argument_group("compiled blocks")
     group.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                        help="compile the transformer's repeated blocks (optional torch.compile mode, e.g. "
-                       "max-autotune)")
+                       "max-autotune; default: off)")
     group.add_argument("--warmup-sizes", type=parse_sizes, default=(), metavar="WxH[xF],...",
-                       help="sizes compiled at start-up, before serving (with --compile)")
+                       help="sizes compiled at start-up, before serving (with --compile; default: none)")
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Family-free: the model's family (services/families/) builds each request's run (timesteps, first latents,
 each step's noise-prediction call); this loop drives it, checks for cancellation between steps and reports
-each step. No I/O here: the server feeds it tensors and receives a callback per step.
+each step. No I/O here: the server feeds it tensors and receives a callback per step, and with `preview_every`
+a live preview (the family's latent -> RGB projection) every k steps.
 
 Two things are handed in rather than decided here, so that a gang (services/denoiser/gang/) runs this same loop
 on every rank: how a transformer is loaded (whole on this device by default; sharded and sequence-parallel in a
@@ -17,21 +18,30 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from services.common import metrics
 from services.common.attention import current_attention
 from services.common.errors import Cancelled, InvalidArgument
-from services.common.limits import check_guidance, check_outputs, check_request_id, check_seed, check_steps
+from services.common.limits import (
+    check_guidance,
+    check_outputs,
+    check_preview_every,
+    check_request_id,
+    check_seed,
+    check_steps,
+)
 from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.denoiser.compile import CompileOptions, compile_blocks
 from services.denoiser.predict import NoisePredictor, predict_on_one_device
 from services.families import family_for
-from services.families.base import Sampling
+from services.families.base import DenoiseRun, Sampling
 
 logger = logging.getLogger(__name__)
 
 # The request parameters the denoiser takes: the family-neutral set every stage shares.
 DenoiseParams = Sampling
 StepCallback = Callable[[int, int], None]      # (steps done, total steps)
+PreviewCallback = Callable[[int, int, torch.Tensor], None]   # (steps done, total steps, uint8 [n, h, w, 3] CPU)
 TransformerLoad = Callable[[ModelDir, str, torch.dtype], torch.nn.Module]   # (model, component, dtype) -> module
 
 
@@ -98,6 +108,7 @@ class DenoiserEngine:
         check_guidance(params.guidance_scale)
         check_outputs(params.num_outputs)
         check_seed(params.seed)
+        check_preview_every(params.preview_every, params.num_inference_steps)
         if params.request_id:   # a gang's ranks log under it
             check_request_id(params.request_id, "request_id")
         self.denoising.check(params)
@@ -112,8 +123,12 @@ class DenoiserEngine:
         tensors: Mapping[str, torch.Tensor],
         on_step: StepCallback | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        on_preview: PreviewCallback | None = None,
     ) -> torch.Tensor:
-        """Run the whole loop; returns float32 latents on the CPU. Raises Cancelled between steps if asked."""
+        """Run the whole loop; returns float32 latents on the CPU. Raises Cancelled between steps if asked. With
+        `on_preview` and params.preview_every = k, it gets a preview after steps k, 2k, ... before the last (whose
+        latents the caller gets at once); a preview only reads the loop's tensors, so the result is the same
+        with or without."""
         self.check(params)
         self.check_conditioning(params, tensors)
         size = (params.width, params.height, params.num_frames, params.num_outputs)
@@ -127,13 +142,33 @@ class DenoiserEngine:
         latents = run.latents
         # 3. Denoising loop
         total = len(run.timesteps)
+        every = params.preview_every if on_preview is not None else 0
+        # On an accelerator a lap ends when the host has queued the step; the host runs at most a step or so ahead
+        # (the launch queue is bounded), so laps average to the steps' times, and the loop's time (after the
+        # latents reach the CPU) is exact.
+        steps = metrics.StepTimer(self.model_name)
         for i, t in enumerate(run.timesteps):
             if cancelled():
                 raise Cancelled(f"cancelled at step {i} of {total}")
             with self.attention.scope():
                 noise_pred = self.predict_noise(run.step_call(latents, t, i))
+            preview = None
+            if every and (i + 1) % every == 0 and i + 1 < total:
+                # Queued before the scheduler's step: the estimate needs this step's input latents and prediction.
+                preview = self.preview(run, latents, noise_pred, i)
             latents = run.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             latents = run.after_step(latents, i)
+            steps.lap()
             if on_step is not None:
                 on_step(i + 1, total)
-        return run.result(latents)
+            if preview is not None:
+                # To the CPU only once the step is queued too: the copy waits for the device once every k steps,
+                # with the next step's work the only thing not yet queued (bench/previews.py counts this wait).
+                on_preview(i + 1, total, preview.cpu())
+        result = run.result(latents)
+        steps.done()
+        return result
+
+    def preview(self, run: DenoiseRun, latents: torch.Tensor, noise_pred: torch.Tensor, index: int) -> torch.Tensor:
+        """The family's preview of step `index`'s clean-latents estimate, uint8 [n, h, w, 3] on the device."""
+        return self.family.preview(run.preview_latents(latents, noise_pred, index))

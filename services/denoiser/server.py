@@ -1,4 +1,5 @@
-"""Denoiser stage gRPC server: params + embeddings in, a progress event per step and the latents out.
+"""Denoiser stage gRPC server: params + embeddings in, a progress event per step (and a preview every
+preview_every steps) and the latents out.
 
 On one device the servicer drives a `DenoiserEngine`. With `--devices N` (or torch.distributed's env) the
 process is one rank of a gang (services/denoiser/gang/worker.py): rank 0 serves gRPC with the same servicer
@@ -7,7 +8,6 @@ over the gang's executor, which hands each request to the other ranks.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
@@ -19,13 +19,13 @@ import grpc
 import torch
 
 from diffmesh.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2
-from services.common import logs
+from services.common import logs, settings
 from services.common.models import check_model
 from services.common.server import AdmissionGate, rpc_method, run_until_stopped
-from services.common.stage import StageSpec, add_stage_arguments, serve_stage
-from services.common.tensors import iter_chunks, receive_params_and_tensors
+from services.common.stage import StageSpec, serve_stage, stage_parser
+from services.common.tensors import iter_chunks, receive_params_and_tensors, to_proto
 from services.denoiser.compile import add_compile_arguments, compile_from_args
-from services.denoiser.engine import DenoiseParams, DenoiserEngine, StepCallback
+from services.denoiser.engine import DenoiseParams, DenoiserEngine, PreviewCallback, StepCallback
 from services.denoiser.gang.distributed import env_rank
 from services.denoiser.gang.flags import add_gang_arguments, check_layout_for_model, resolve_layout
 from services.denoiser.gang.launcher import launch_gang
@@ -51,6 +51,7 @@ def params_from_proto(message: denoiser_pb2.DenoiseParams) -> DenoiseParams:
         num_outputs=message.num_outputs if message.HasField("num_outputs") else 1,
         true_cfg_scale=message.true_cfg_scale if message.HasField("true_cfg_scale") else 1.0,
         guidance_scale_2=message.guidance_scale_2 if message.HasField("guidance_scale_2") else None,
+        preview_every=message.preview_every,
     )
 
 
@@ -66,7 +67,7 @@ class Denoiser(Protocol):
     def check(self, params: DenoiseParams) -> None: ...
     def check_conditioning(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor]) -> None: ...
     def denoise(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor], on_step: StepCallback | None,
-                cancelled: Callable[[], bool]) -> torch.Tensor: ...
+                cancelled: Callable[[], bool], on_preview: PreviewCallback | None = None) -> torch.Tensor: ...
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
@@ -83,11 +84,18 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.engine.check_conditioning(params, tensors)
 
         loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        events: asyncio.Queue[denoiser_pb2.DenoiseEvent] = asyncio.Queue()
         cancel = threading.Event()
 
         def on_step(done: int, total: int) -> None:
-            loop.call_soon_threadsafe(steps.put_nowait, (done, total))
+            event = denoiser_pb2.DenoiseEvent(progress=tensor_pb2.Progress(stage="denoise", step=done,
+                                                                           total_steps=total))
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def on_preview(done: int, total: int, image: torch.Tensor) -> None:
+            event = denoiser_pb2.DenoiseEvent(preview=denoiser_pb2.LatentPreview(step=done, total_steps=total,
+                                                                                 image=to_proto(image)))
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
         # grpc.aio does not cancel this handler when the client cancels or its deadline passes; the RPC's
         # done-callback does fire, so it is what stops the loop at its next step.
@@ -95,19 +103,20 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
         async with self.gate:
             work = asyncio.ensure_future(
-                asyncio.to_thread(self.engine.denoise, params, tensors, on_step, cancel.is_set)
+                asyncio.to_thread(self.engine.denoise, params, tensors, on_step, cancel.is_set,
+                                  on_preview if params.preview_every else None)
             )
+            # Its error is read below, unless the client went away first: then the loop's Cancelled is nobody's
+            # error (asyncio would log it as "never retrieved", with a traceback).
+            work.add_done_callback(lambda task: task.cancelled() or task.exception())
             try:
-                while not (work.done() and steps.empty()):
-                    next_step = asyncio.ensure_future(steps.get())
-                    await asyncio.wait({next_step, work}, return_when=asyncio.FIRST_COMPLETED)
-                    if not next_step.done():
-                        next_step.cancel()
+                while not (work.done() and events.empty()):
+                    next_event = asyncio.ensure_future(events.get())
+                    await asyncio.wait({next_event, work}, return_when=asyncio.FIRST_COMPLETED)
+                    if not next_event.done():
+                        next_event.cancel()
                         continue
-                    done, total = next_step.result()
-                    yield denoiser_pb2.DenoiseEvent(
-                        progress=tensor_pb2.Progress(stage="denoise", step=done, total_steps=total)
-                    )
+                    yield next_event.result()
                 latents = work.result()
             finally:
                 # The client may have gone (cancel, deadline): stop the loop at its next step, and hold the
@@ -130,15 +139,14 @@ SPEC = StageSpec(
     engine_class=DenoiserEngine,
     servicer_class=DenoiserServicer,
     add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,
+    add_arguments=lambda parser: add_compile_arguments(add_gang_arguments(parser)),
     engine_options=lambda args: {"compile": compile_from_args(args)},
 )
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = add_compile_arguments(add_gang_arguments(add_stage_arguments(
-        argparse.ArgumentParser(prog="diffmesh serve denoiser"), DEFAULT_PORT)))
-    args = parser.parse_args(argv)
+    args = settings.parse_args(stage_parser(SPEC), argv)
     try:
         joined = env_rank()
         layout = resolve_layout(args, joined[1] if joined else None)

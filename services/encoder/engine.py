@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from services.common import metrics
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image
 from services.common.models import ModelDir
@@ -69,7 +70,8 @@ class EncoderEngine:
         """Named float32 tensors on the CPU, in the order they are sent."""
         self.check(params)
         negative = params.negative_prompt if self.negative_needed(params) else None
-        tensors = self.encoding.encode(params.prompt, negative, self.sequence_length(params))
-        if params.image and self.image_encoding is not None:
-            tensors.update(self.image_encoding.encode(decode_image(params.image)))
+        with metrics.phase("encode", self.model_name):
+            tensors = self.encoding.encode(params.prompt, negative, self.sequence_length(params))
+            if params.image and self.image_encoding is not None:
+                tensors.update(self.image_encoding.encode(decode_image(params.image)))
         return tensors

@@ -7,22 +7,42 @@ model writer in services/common/tiny_model.py and an equality test against its d
 
 from __future__ import annotations
 
-from services.common.models import ModelDir
-from services.families.base import Family
-from services.families.flux import FluxFamily
-from services.families.wan import WanFamily
-from services.families.wan_i2v import WanI2VFamily
+import functools
+from typing import TYPE_CHECKING
 
-FAMILIES: tuple[Family, ...] = (WanFamily(), WanI2VFamily(), FluxFamily())
+if TYPE_CHECKING:
+    from services.common.models import ModelDir
+    from services.families.base import Family
+
+
+@functools.cache
+def families() -> tuple[Family, ...]:
+    """Every family, imported on first use: the gateway imports this package for `Limits` alone, and the
+    families' diffusers imports cost a process seconds of start-up."""
+    from services.families.flux import FluxFamily
+    from services.families.wan import WanFamily
+    from services.families.wan_i2v import WanI2VFamily
+
+    return (WanFamily(), WanI2VFamily(), FluxFamily())
+
+
+def __getattr__(name: str):
+    if name == "FAMILIES":
+        return families()
+    if name == "Family":
+        from services.families.base import Family
+
+        return Family
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def family_for(model: ModelDir) -> Family:
     """The family serving this directory, from its pipeline class; a clear error for one none serves."""
     class_name = model.pipeline_class_name
-    for family in FAMILIES:
+    for family in families():
         if class_name in family.pipeline_classes:
             return family
-    served = sorted(name for family in FAMILIES for name in family.pipeline_classes)
+    served = sorted(name for family in families() for name in family.pipeline_classes)
     raise UnsupportedModel(f"{model.path}: pipeline {class_name or '(none)'!r} is not served by diffmesh; "
                            f"served pipelines: {served}")
 
@@ -31,4 +51,4 @@ class UnsupportedModel(ValueError):
     """Raised at start-up: a stage cannot serve a directory whose family it does not know."""
 
 
-__all__ = ["FAMILIES", "Family", "UnsupportedModel", "family_for"]
+__all__ = ["FAMILIES", "Family", "UnsupportedModel", "families", "family_for"]

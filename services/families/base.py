@@ -27,42 +27,8 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.common.models import ModelDir
-
-TASKS = ("text-to-image", "text-to-video", "image-to-video")
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What requests to one model may ask for, and what they get when they do not say. Served to the gateway
-    by the denoiser (Describe), so the gateway does no family arithmetic."""
-
-    family: str
-    task: str                        # one of TASKS
-    size_multiple: int               # width and height must be multiples of this
-    max_side: int                    # and at most this (the transformer's positions)
-    frame_multiple: int              # num_frames = frame_multiple * k + 1; 0: images only (num_frames = 1)
-    max_frames: int
-    default_width: int
-    default_height: int
-    default_frames: int
-    default_steps: int
-    default_guidance_scale: float
-    default_fps: int = 16
-    true_cfg: bool = False           # a negative prompt with true_cfg_scale > 1 runs a second branch
-    guidance_embedding: bool = False  # guidance_scale is fed to the transformer, not used for CFG
-    needs_image: bool = False        # a request must carry a conditioning image
-    accepts_image: bool = False      # a request may carry one (needs_image implies it; Wan2.2 TI2V-5B: optional)
-    max_sequence_length: int = 512
-    experts: int = 1                 # transformers switching during the loop (Wan2.2 A14B: 2, guidance_scale_2)
-
-    @property
-    def makes_video(self) -> bool:
-        return self.frame_multiple > 0
-
-    @property
-    def takes_image(self) -> bool:
-        """Whether a conditioning image is welcome: refused only where the model neither needs nor accepts one."""
-        return self.needs_image or self.accepts_image
+from services.families.limits import TASKS, Limits  # noqa: F401  (re-exported: the contract names both)
+from services.families.preview import LatentRGB, project
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +45,7 @@ class Sampling:
     num_outputs: int = 1
     true_cfg_scale: float = 1.0
     guidance_scale_2: float | None = None    # a second expert's scale (Wan2.2 A14B); None: guidance_scale
+    preview_every: int = 0                   # a preview every this many steps (before the last); 0: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +80,32 @@ class DenoiseRun(abc.ABC):
         """Whatever the pipeline does to the latents after the scheduler's step (e.g. re-impose a condition)."""
         return latents
 
+    def layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """The loop's latents in the decoder's layout, on the device (e.g. FLUX's unpacked): for `result` and for
+        previews."""
+        return latents
+
     def result(self, latents: torch.Tensor) -> torch.Tensor:
         """The latents as they travel to the decoder: float32 on the CPU."""
-        return latents.float().cpu()
+        return self.layout(latents).float().cpu()
+
+    def preview_latents(self, latents: torch.Tensor, noise_pred: torch.Tensor, index: int) -> torch.Tensor:
+        """What a live preview of step `index` projects: the clean-latents estimate in the decoder's layout (a family
+        may compute only the part a preview shows)."""
+        return self.layout(self.denoised(latents, noise_pred, index))
+
+    def denoised(self, latents: torch.Tensor, noise_pred: torch.Tensor, index: int) -> torch.Tensor:
+        """Step `index`'s estimate of the clean latents, what a preview shows (the noisy latents themselves would
+        show mostly noise until the last steps). Flow matching, which every family here runs (UniPC with
+        flow_prediction for Wan, FlowMatchEuler for FLUX): x0 = x_t - sigma_t * v, as UniPC's own
+        convert_model_output. A scheduler predicting anything else previews the current latents as they are."""
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if sigmas is None or getattr(self.scheduler.config, "prediction_type", "flow_prediction") != "flow_prediction":
+            return latents
+        sigma = sigmas[index]
+        if sigma.device.type == "cpu":   # a Python float rides along with the kernel: no host-to-device copy to wait on
+            sigma = float(sigma)
+        return latents - sigma * noise_pred.float()
 
 
 class TextEncoding(abc.ABC):
@@ -176,12 +166,31 @@ class Denoising(abc.ABC):
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSplitPlan:
+    """How several decoder devices split one VAE's frames by rows (services/decoder/parallel_vae.py), as data in the
+    spirit of diffusers' `_cp_plan`. Torch's own layers are the mechanism's to know (convolutions take halo rows,
+    GroupNorm sums over every rank, constant padding pads only the frame's edges); a family names only its VAE's
+    own classes that mix rows."""
+
+    # Conv3d subclasses that pad themselves (`_padding` in F.pad order) and take forward(x, cache_x), the cached
+    # frames going before x in time: Wan's causal convolution.
+    causal_convs: tuple[type, ...] = ()
+    # Modules that mix every position of a frame (a VAE's mid-block attention): each runs on the gathered frame.
+    frame_attentions: tuple[type, ...] = ()
+    # The VAE's attribute holding its encoder, when every layer in it is one of the above, a torch layer the
+    # mechanism knows, or works row by row; None: the encoder runs whole on each device.
+    encoder: str | None = None
+
+
 class Decoding(abc.ABC):
     """Latents -> frames with the model's VAE. `vae` is the diffusers VAE (the decoder switches its tiling per
-    request); `spatial_scale` is how many pixels one latent spans along a side."""
+    request); `spatial_scale` is how many pixels one latent spans along a side; `row_split`, how `--devices N`
+    splits the VAE (None: the decoder refuses more than one device for this family)."""
 
     vae: torch.nn.Module
     spatial_scale: int
+    row_split: RowSplitPlan | None = None
 
     @abc.abstractmethod
     def check(self, latents: torch.Tensor) -> None:
@@ -217,6 +226,9 @@ class ParallelPlan:
 class Family(abc.ABC):
     name: str                            # "wan", "flux": what `diffmesh tiny-model --family` takes
     pipeline_classes: tuple[str, ...]    # model_index.json's _class_name values this family serves
+    # Live previews' latent -> RGB maps, one per latent channel count the family's VAEs have (preview.py); latents
+    # no map fits are previewed by a deterministic stand-in.
+    latent_rgb: tuple[LatentRGB, ...] = ()
 
     @abc.abstractmethod
     def limits(self, model: ModelDir) -> Limits:
@@ -225,6 +237,11 @@ class Family(abc.ABC):
     def parallel_plan(self, model: ModelDir) -> ParallelPlan | None:
         """How a gang splits this model's transformer (from its configs); None: the gang refuses it at start-up."""
         return None
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the decoder's layout -> a small RGB preview, uint8 [n, h, w, 3] on their device (for video,
+        the middle frame), at latent resolution. Cheap by design: it runs inside the denoising loop."""
+        return project(latents, self.latent_rgb)
 
     def install_kernels(self, transformer: torch.nn.Module) -> None:
         """What a whole transformer on one device runs instead of diffusers' processors, so one device and a gang

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.attention_processor import Attention
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -29,16 +30,33 @@ from services.families.base import (
     Family,
     Limits,
     ParallelPlan,
+    RowSplitPlan,
     Sampling,
     StepCall,
     TextEncoding,
     TransformerLoader,
     check_embeddings,
 )
+from services.families.preview import LatentRGB
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512   # FluxPipeline.__call__'s default, and the most its check_inputs allows
 DEFAULT_SAMPLE_SIZE = 128           # FluxPipeline.default_sample_size: 1024 px at 8x
 NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+
+# Live previews of FLUX.1's 16 unpacked latent channels (services/families/preview.py): ComfyUI's
+# `latent_rgb_factors` and `latent_rgb_factors_bias` for its `Flux` latent format, in comfyanonymous/ComfyUI,
+# comfy/latent_formats.py. They apply to the latents as the transformer sees them (ComfyUI's process_in space, which
+# is diffusers' too: the decode divides by scaling_factor and adds shift_factor after the loop).
+FLUX1_LATENT_RGB = LatentRGB(
+    factors=(
+        (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+        (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+        (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+        (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+    ),
+    bias=(-0.0329, -0.0718, -0.0851),
+    source="ComfyUI comfy/latent_formats.py, Flux.latent_rgb_factors",
+)
 
 
 def vae_scale_factor(vae_config: Mapping) -> int:
@@ -135,11 +153,10 @@ class FluxRun(DenoiseRun):
                       "encoder_hidden_states": self.negative_prompt_embeds, "txt_ids": self.negative_text_ids}
         return StepCall(self.denoising.transformer, cond, uncond, self.params.true_cfg_scale, self.batched)
 
-    def result(self, latents: torch.Tensor) -> torch.Tensor:
+    def layout(self, latents: torch.Tensor) -> torch.Tensor:
         """Unpacked to the VAE's layout [n, C, H/f, W/f], as the pipeline does before decoding."""
         p = self.params
-        unpacked = FluxPipeline._unpack_latents(latents, p.height, p.width, self.denoising.vae_scale_factor)
-        return unpacked.float().cpu()
+        return FluxPipeline._unpack_latents(latents, p.height, p.width, self.denoising.vae_scale_factor)
 
 
 class FluxDenoising(Denoising):
@@ -202,6 +219,11 @@ class FluxDenoising(Denoising):
 
 
 class FluxDecoding(Decoding):
+    # --devices N: GroupNorm and the convolutions are torch's; the mid-block attention takes the whole frame. The
+    # encoder stays whole: AutoencoderKL's Downsample2D pads inside its own forward, where no wrapper reaches
+    # (and FLUX.1 encodes no image here).
+    row_split = RowSplitPlan(frame_attentions=(Attention,))
+
     def __init__(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> None:
         self.device = device
         self.vae = model.load("vae", dtype=dtype, device=device)
@@ -230,6 +252,7 @@ class FluxDecoding(Decoding):
 class FluxFamily(Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    latent_rgb = (FLUX1_LATENT_RGB,)
 
     def limits(self, model: ModelDir) -> Limits:
         transformer = model.config("transformer")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -29,16 +30,34 @@ from services.families.base import (
     Family,
     Limits,
     ParallelPlan,
+    RowSplitPlan,
     Sampling,
     StepCall,
     TextEncoding,
     TransformerLoader,
     check_embeddings,
 )
+from services.families.preview import LatentRGB
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512   # WanPipeline.__call__'s default
 BRANCH_KWARGS = frozenset({"hidden_states", "timestep", "encoder_hidden_states"})
 TEXT_NAMES = ("prompt_embeds", "negative_prompt_embeds")
+
+# Live previews of the Wan2.1 VAE's 16 latent channels (Wan2.1, Wan2.2 A14B; services/families/preview.py): ComfyUI's
+# `latent_rgb_factors` and `latent_rgb_factors_bias` for its `Wan21` latent format, in comfyanonymous/ComfyUI,
+# comfy/latent_formats.py. They apply to normalised latents ((z - mean) / std, ComfyUI's process_in), which is what
+# the loop holds here too (WanDecoding undoes it before the VAE). Wan2.2 TI2V-5B's 48-channel VAE has no map here:
+# its previews take preview.py's stand-in.
+WAN21_LATENT_RGB = LatentRGB(
+    factors=(
+        (-0.1299, -0.1692, 0.2932), (0.0671, 0.0406, 0.0442), (0.3568, 0.2548, 0.1747), (0.0372, 0.2344, 0.1420),
+        (0.0313, 0.0189, -0.0328), (0.0296, -0.0956, -0.0665), (-0.3477, -0.4059, -0.2925), (0.0166, 0.1902, 0.1975),
+        (-0.0412, 0.0267, -0.1364), (-0.1293, 0.0740, 0.1636), (0.0680, 0.3019, 0.1128), (0.0032, 0.0581, 0.0639),
+        (-0.1251, 0.0927, 0.1699), (0.0060, -0.0633, 0.0005), (0.3477, 0.2275, 0.2950), (0.1984, 0.0913, 0.1861),
+    ),
+    bias=(-0.1835, -0.0868, -0.3360),
+    source="ComfyUI comfy/latent_formats.py, Wan21.latent_rgb_factors",
+)
 
 
 class WanTextEncoding(TextEncoding):
@@ -107,6 +126,16 @@ class WanRun(DenoiseRun):
         uncond = None if self.negative_prompt_embeds is None else {
             **cond, "encoder_hidden_states": self.negative_prompt_embeds}
         return StepCall(model, cond, uncond, scale, BRANCH_KWARGS | frozenset(inputs))
+
+    def preview_latents(self, latents: torch.Tensor, noise_pred: torch.Tensor, index: int) -> torch.Tensor:
+        """Only the middle latent frame, the one a preview shows (preview.py's preview_frame): 1/T of the estimate's
+        work. `layout` changes no frame but the first (TI2V's image frame, wan_i2v.py), so it is skipped for the
+        middle one of several."""
+        frames = latents.shape[2]
+        if frames == 1:
+            return super().preview_latents(latents, noise_pred, index)
+        middle = slice(frames // 2, frames // 2 + 1)
+        return self.denoised(latents[:, :, middle], noise_pred[:, :, middle], index)
 
     def model_inputs(self, latents: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """The transformer's inputs besides the text, each with the batch first: latents and timesteps."""
@@ -182,6 +211,11 @@ class WanDenoising(Denoising):
 
 
 class WanDecoding(Decoding):
+    # --devices N: the causal convolutions take halo rows, the mid-block attention the whole frame; the encoder
+    # (I2V's conditioning frame) splits the same way.
+    row_split = RowSplitPlan(causal_convs=(WanCausalConv3d,), frame_attentions=(WanAttentionBlock,),
+                             encoder="encoder")
+
     def __init__(self, model: ModelDir, dtype: torch.dtype, device: torch.device) -> None:
         self.device = device
         self.vae = model.load("vae", dtype=dtype, device=device)
@@ -213,6 +247,7 @@ class WanDecoding(Decoding):
 class WanFamily(Family):
     name = "wan"
     pipeline_classes = ("WanPipeline",)
+    latent_rgb = (WAN21_LATENT_RGB,)
 
     def limits(self, model: ModelDir) -> Limits:
         transformer, vae = model.config("transformer"), model.config("vae")

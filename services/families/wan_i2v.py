@@ -93,10 +93,10 @@ class WanI2VRun(WanRun):
             inputs["encoder_hidden_states_image"] = self.image_embeds
         return inputs
 
-    def result(self, latents: torch.Tensor) -> torch.Tensor:
+    def layout(self, latents: torch.Tensor) -> torch.Tensor:
         if self.denoising.expand_timesteps:
             latents = (1 - self.first_frame_mask) * self.condition + self.first_frame_mask * latents
-        return super().result(latents)
+        return super().layout(latents)
 
 
 class WanI2VDenoising(WanDenoising):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from diffmesh.v1 import tensor_pb2
-from services.families.base import Limits
+from services.families.limits import Limits
 
 
 def limits_to_proto(limits: Limits) -> tensor_pb2.ModelLimits:

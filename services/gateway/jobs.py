@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from services.common import tracing
 from services.common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -36,8 +37,18 @@ from services.common.errors import (
 )
 from services.common.logs import request_context
 from services.gateway.admission import Admission
+from services.gateway.metrics import JobObserver, job_kind
 from services.gateway.outputs import OutputStore, is_job_id
-from services.gateway.pipeline import Event, GenerationRequest, MediaEvent, MeshPipeline, ProgressEvent, TensorEvent
+from services.gateway.pipeline import (
+    PREVIEW_MIME_TYPE,
+    Event,
+    GenerationRequest,
+    MediaEvent,
+    MeshPipeline,
+    PreviewEvent,
+    ProgressEvent,
+    TensorEvent,
+)
 from services.gateway.store import BYTES_FIELDS, JobDatabase, JobRow, StoredRequestError, decode_request
 
 logger = logging.getLogger(__name__)
@@ -54,6 +65,8 @@ DEFAULT_RETENTION_INTERVAL_S = 60.0
 DEFAULT_STAGE_WAIT_S = 60.0
 # A synchronous client's event stream nobody attached to is dropped this long after its job ended.
 UNCLAIMED_STREAM_S = 60.0
+# What latest_preview returns (the gateway encodes every preview as PNG).
+PREVIEW_MEDIA_TYPE = PREVIEW_MIME_TYPE
 
 
 class JobStatus(str, enum.Enum):
@@ -152,6 +165,10 @@ class _Run:
     saved: set = dataclasses.field(default_factory=set)        # outputs already stored
     delivered: set = dataclasses.field(default_factory=set)    # outputs and tensors already streamed
     ended: bool = False                                         # its stream has had its _Outcome
+    preview: bytes | None = None                                # the latest preview of output 0, while it runs
+    kind: str = ""                                              # image | video, for metrics ("" until known)
+    created_at: float = 0.0                                     # when it was accepted (time.time())
+    trace: dict = dataclasses.field(default_factory=dict)       # its submitter's trace context (tracing.carrier)
 
     def deliver(self, item: object) -> None:
         if self.stream is not None and not self.ended:
@@ -204,6 +221,7 @@ class JobStore:
         self._loops: list[asyncio.Task] = []
         self._closed = False
         self.lock = None        # the data dir's lock file, when the caller took one (kept open while we run)
+        self.observer: JobObserver = JobObserver()      # metrics (services/gateway/metrics.py) once the app is made
 
     async def _db(self, method, *args, **kwargs):
         if self._closed:    # a request that arrives while the front doors close, after shutdown: 503, not 500
@@ -270,6 +288,12 @@ class JobStore:
     def queued(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Jobs held here now, by model: {"queued": n, "in_progress": m} (for metrics)."""
+        models = {model for model, queue in self._queues.items() if queue} | set(self._running)
+        return {model: {"queued": len(self._queues.get(model, ())), "in_progress": self._running[model]}
+                for model in models}
+
     async def submit(self, request: GenerationRequest, job_id: str, stream: bool = True) -> Job:
         """Record a new job as queued; `stream` keeps its events for one `events(job_id)` reader. Raises
         ResourceExhausted (with the time to retry after) when the queue is full."""
@@ -289,7 +313,9 @@ class JobStore:
             raise Unavailable("gateway", "cannot record the job in its database; retry later") from error
         finally:
             self._admitting -= 1
-        run = _Run(job_id, request.model, stream=asyncio.Queue() if stream else None)
+        # The job runs in a task of its own: it keeps the submitter's trace context, to join its trace.
+        run = _Run(job_id, request.model, stream=asyncio.Queue() if stream else None, kind=job_kind(request),
+                   created_at=created, trace=tracing.carrier())
         if run.stream is not None:
             self._streams[job_id] = run.stream
         self._enqueue(run)
@@ -343,6 +369,53 @@ class JobStore:
             await self._db(self.db.finish, job_id, "cancelled", now=time.time(), error_code="CANCELLED",
                            error_message=f"job {job_id} was cancelled")
         return await self.get(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        """Forget a job for good: cancelled first if it has not finished, then its rows and its files are gone
+        (NotFound for an unknown id)."""
+        job = await self.get(job_id)
+        if not job.status.finished:
+            await self.cancel(job_id)
+        # Rows first, as retention does: nobody is sent to a file that is missing.
+        await self._db(self.db.delete, [job_id])
+        await asyncio.to_thread(self.outputs.delete, job_id)
+        logger.info("job %s deleted", job_id)
+
+    async def page(self, owner: str, id_prefix: str, *, after: str | None = None, limit: int = 20,
+                   descending: bool = True) -> tuple[list[Job], bool]:
+        """`owner`'s jobs whose id starts with `id_prefix`, one page (newest first when `descending`), and whether
+        more follow. NotFound when `after` is not one of those jobs."""
+        found = await self._db(self.db.page, owner=owner, id_prefix=id_prefix, after=after, limit=limit,
+                               descending=descending)
+        if found is None:
+            raise NotFound(f"job {after!r} not found")
+        rows, has_more = found
+        page = []
+        for row in rows:
+            try:
+                page.append(await self.get(row.id))
+            except NotFound:        # deleted since the page was read
+                pass
+        return page, has_more
+
+    async def replace_output(self, job_id: str, index: int, mime_type: str, data: bytes) -> None:
+        """Store an output again in another encoding (the REST image's output_format), in place of the stage's."""
+        old = (await self.get(job_id)).output(index)
+        size = await asyncio.to_thread(self.outputs.write, job_id, index, mime_type, data)
+        await self._db(self.db.add_output, job_id, index, mime_type, size)
+        if old is not None and old.mime_type != mime_type:
+            await asyncio.to_thread(self.outputs.remove, job_id, index, old.mime_type)
+
+    def latest_preview(self, job_id: str) -> bytes | None:
+        """The latest live preview (of the first output, PREVIEW_MEDIA_TYPE) of a job running on this gateway; None
+        when it asked for none (preview_every), has none yet, has finished, or runs on another gateway.
+
+        Kept in memory, not in the database: a preview is obsolete within seconds and worthless once the job ends
+        (its outputs, and their thumbnail, replace it); writing each one would put a blob write per k steps of
+        every running job on the database that PROGRESS_WRITE_S keeps to one small write a second; and after a
+        restart the job runs again from the start and makes new previews anyway."""
+        run = self._runs.get(job_id)
+        return run.preview if run is not None and run.running else None
 
     def abandon(self, job_id: str) -> None:
         """The client waiting on the job went away: cancel it, unless the gateway is shutting down (then the
@@ -413,7 +486,8 @@ class JobStore:
                 run.deliver(_Outcome(JobStatus.CANCELLED, Cancelled(f"job {run.id} was cancelled")))
                 return
             row, request = claimed
-            with request_context(request.request_id):
+            with request_context(request.request_id), tracing.resumed(run.trace, "diffmesh.job", job_id=run.id,
+                                                                         model=run.model):
                 await self._run(run, row, request)
         except asyncio.CancelledError:   # while it was being claimed; _run handles its own
             await self._stopped(run)
@@ -429,6 +503,8 @@ class JobStore:
     async def _run(self, run: _Run, row: JobRow, request: GenerationRequest) -> None:
         run.running = True
         started = time.monotonic()
+        run.kind, run.created_at = job_kind(request), row.created_at
+        self.observer.job_started(run.id, run.model, run.kind, time.time() - row.created_at)
         try:
             if row.attempts > MAX_ATTEMPTS:
                 raise Internal(f"job {run.id} was started {row.attempts - 1} times and the gateway stopped under "
@@ -502,6 +578,11 @@ class JobStore:
                     raise Cancelled(f"job {run.id} was cancelled")
             run.deliver(event)
             return
+        if isinstance(event, PreviewEvent):
+            if event.index == 0:
+                run.preview = event.data
+            run.deliver(event)
+            return
         if isinstance(event, MediaEvent):
             key = ("media", event.index)
             if key not in run.saved:
@@ -523,6 +604,9 @@ class JobStore:
             error_code=error.grpc_code.name if error else None, error_message=error.message if error else None)
         if recorded:
             logger.info("job %s %s%s", run.id, status.value, f": {error.message}" if error else "")
+            self.observer.job_finished(run.id, run.model, run.kind or "unknown", status.value,
+                                       error.grpc_code.name if error else "OK",
+                                       time.time() - run.created_at if run.created_at else None)
         run.deliver(_Outcome(status, error))
 
     # -- leases, resume, retention -------------------------------------------------------------------------

@@ -3,16 +3,23 @@
 Each served model has its own route (its encoder, denoiser and decoder pools) and its limits, which its
 denoiser describes from the model's family: the gateway does no family arithmetic. The gateway never decodes
 tensors: conditioning and latents pass from stage to stage as the chunks they arrived in (each stage
-validates what it receives), so the gateway stays light whatever the tensor sizes.
+validates what it receives), so the gateway stays light whatever the tensor sizes. Live previews are the one
+exception, being small by design (uint8 at latent resolution): the gateway encodes them, so the denoiser's loop
+spends no time encoding images.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
+
+import numpy as np
+from PIL import Image
 
 from diffmesh.v1 import decoder_pb2, denoiser_pb2, encoder_pb2, tensor_pb2
 from services.common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
@@ -23,12 +30,13 @@ from services.common.limits import (
     check_frames,
     check_guidance,
     check_outputs,
+    check_preview_every,
     check_seed,
     check_side,
     check_steps,
     check_text,
 )
-from services.families.base import Limits
+from services.families.limits import Limits
 from services.families.wire import limits_from_proto
 from services.gateway.stages import RESTARTED, StagePool
 
@@ -81,6 +89,7 @@ class GenerationRequest:
     timeout_s: float | None = None
     image: bytes = dataclasses.field(default=b"", repr=False)   # encoded conditioning image (image-to-video)
     owner: str = ""     # who submitted it (an API key's id when keys are on): only they see and cancel the job
+    preview_every: int = 0   # a PreviewEvent per output every this many denoising steps (before the last); 0: none
 
     def validate(self, limits: Limits, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
                  max_steps: int = MAX_STEPS) -> None:
@@ -96,6 +105,7 @@ class GenerationRequest:
         if limits.makes_video:
             check_frames(self.num_frames, limits.frame_multiple, limits.max_frames)
         check_steps(self.num_inference_steps, max_steps)
+        check_preview_every(self.preview_every, self.num_inference_steps)
         check_guidance(self.guidance_scale)
         check_guidance(self.true_cfg_scale, "true_cfg_scale")
         if self.guidance_scale_2 is not None:
@@ -141,6 +151,44 @@ class MediaEvent:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreviewEvent:
+    """A live preview of one output (the denoiser's latent -> RGB projection), encoded here: small, at latent
+    resolution."""
+
+    index: int
+    step: int
+    total_steps: int
+    width: int
+    height: int
+    mime_type: str
+    data: bytes = dataclasses.field(repr=False)
+
+
+PREVIEW_MIME_TYPE = "image/png"
+
+
+def preview_images(preview, n: int) -> list[PreviewEvent]:
+    """A LatentPreview's uint8 [n, h, w, 3] as one PNG per output; [] (with a warning) for one that is not that: a
+    preview is extra, so a malformed one from a stage costs the client that preview, never the result."""
+    # Checked and read with numpy alone: the tensor codec would bring torch into the gateway for these bytes.
+    message = preview.image
+    shape = list(message.shape)
+    if (message.dtype != "uint8" or len(shape) != 4 or shape[0] != n or shape[3] != 3 or min(shape) < 1
+            or len(message.data) != math.prod(shape)):
+        logger.warning("dropping a preview of %s %s (%d bytes) from the denoiser: expected uint8 [%d, h, w, 3]",
+                       message.dtype, shape, len(message.data), n)
+        return []
+    events = []
+    for index, pixels in enumerate(np.frombuffer(message.data, dtype=np.uint8).reshape(shape)):
+        out = io.BytesIO()
+        # compress_level 1: these are looked at once and replaced; zlib's default level costs several times more.
+        Image.fromarray(pixels, "RGB").save(out, format="PNG", compress_level=1)
+        events.append(PreviewEvent(index, preview.step, preview.total_steps, pixels.shape[1], pixels.shape[0],
+                                   PREVIEW_MIME_TYPE, out.getvalue()))
+    return events
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorEvent:
     """A returned tensor, still as its wire chunks (the gateway does not decode tensors)."""
 
@@ -148,7 +196,7 @@ class TensorEvent:
     chunks: list[tensor_pb2.TensorChunk]
 
 
-Event = ProgressEvent | MediaEvent | TensorEvent
+Event = ProgressEvent | PreviewEvent | MediaEvent | TensorEvent
 
 
 @dataclasses.dataclass
@@ -261,13 +309,15 @@ class MeshPipeline:
         embeddings = [chunk for chunks in await gather_or_cancel(calls) for chunk in chunks]
         yield ProgressEvent("encode", 1, 1, ENCODE_SHARE)
 
-        # 2. Denoise: one progress event per step, then the latents. If the replica goes away the pool starts the
-        # call over on another (RESTARTED): the steps repeat, and the latents are collected afresh.
+        # 2. Denoise: one progress event per step (a preview after every preview_every-th), then the latents. If the
+        # replica goes away the pool starts the call over on another (RESTARTED): the steps and previews repeat, and
+        # the latents are collected afresh.
         denoise_params = denoiser_pb2.DenoiseParams(
             request_id=request.request_id, model=request.model, width=request.width, height=request.height,
             num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale, seed=request.seed, num_outputs=request.n,
             true_cfg_scale=request.true_cfg_scale, guidance_scale_2=request.guidance_scale_2,
+            preview_every=request.preview_every,
         )
 
         def denoise_requests():
@@ -285,6 +335,9 @@ class MeshPipeline:
                 p = event.progress
                 fraction = ENCODE_SHARE + DENOISE_SHARE * p.step / max(p.total_steps, 1)
                 yield ProgressEvent("denoise", p.step, p.total_steps, fraction)
+            elif event.WhichOneof("item") == "preview":
+                for preview in await asyncio.to_thread(preview_images, event.preview, request.n):
+                    yield preview
             else:
                 latents.append(event.tensor)
         if not latents or not latents[-1].last:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
@@ -21,7 +20,7 @@ from diffmesh.v1 import (
     gateway_pb2_grpc,
     tensor_pb2,
 )
-from services.common import logs
+from services.common import logs, metrics, tracing
 from services.common.errors import InvalidArgument
 from services.common.logs import request_context
 from services.common.server import (
@@ -37,7 +36,8 @@ from services.common.tensors import iter_media_chunks
 from services.common.tls import uvicorn_options
 from services.families.wire import limits_to_proto
 from services.gateway import rest
-from services.gateway.config import GatewayConfig, add_arguments, load_config
+from services.gateway.config import GatewayConfig, parse_config
+from services.gateway.health import mirror_stage_health
 from services.gateway.http_limits import bounded_h11
 from services.gateway.jobs import Job, JobStatus, JobStore
 from services.gateway.outputs import LocalOutputStore
@@ -47,6 +47,7 @@ from services.gateway.pipeline import (
     MediaEvent,
     MeshPipeline,
     ModelRoute,
+    PreviewEvent,
     ProgressEvent,
     TensorEvent,
 )
@@ -105,7 +106,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             true_cfg_scale=given("true_cfg_scale"), guidance_scale_2=given("guidance_scale_2"), seed=given("seed"),
             n=given("n"), format=FORMAT_NAMES[request.format], fps=given("fps"), return_latents=request.return_latents,
             return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
-            image=request.image, owner=owner,
+            image=request.image, owner=owner, preview_every=given("preview_every"),
         )
         client_deadline = context.time_remaining()
         if client_deadline is not None and client_deadline < (generation.timeout_s or float("inf")):
@@ -141,8 +142,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
         self.admit(context)
         models = []
-        for name in self.service.models:
-            limits = await self.service.pipeline.limits(name)
+        for name in self.service.served_names:       # aliases too, each a model of its own (as REST /v1/models)
+            limits = await self.service.limits(name)
             models.append(gateway_pb2.ModelInfo(id=name, task=limits.task, limits=limits_to_proto(limits)))
         return gateway_pb2.ListModelsResponse(models=models)
 
@@ -152,6 +153,10 @@ def event_to_proto(event: Event) -> list[gateway_pb2.GenerateEvent]:
         progress = tensor_pb2.Progress(stage=event.stage, step=event.step, total_steps=event.total_steps,
                                        fraction=event.fraction)
         return [gateway_pb2.GenerateEvent(progress=progress)]
+    if isinstance(event, PreviewEvent):
+        return [gateway_pb2.GenerateEvent(preview=gateway_pb2.PreviewImage(
+            index=event.index, step=event.step, total_steps=event.total_steps, width=event.width,
+            height=event.height, mime_type=event.mime_type, data=event.data))]
     if isinstance(event, MediaEvent):
         chunks = iter_media_chunks(event.index, event.mime_type, event.data)
         return [gateway_pb2.GenerateEvent(media=chunk) for chunk in chunks]
@@ -245,6 +250,8 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
             # The front door takes no client certificates: clients authenticate with API keys.
             tls=config.tls, require_client_cert=False,
             idle_timeout_s=config.idle_timeout_s, handshake_timeout_s=config.header_timeout_s,
+            # NOT_SERVING while a model's stage has no replica serving (per model too; "liveness" stays SERVING).
+            watch_health=lambda servicer: mirror_stage_health(service.pipeline, servicer),
         )
     finally:
         # Running jobs get what is left of the grace period; the rest stays in the database for the next start.
@@ -255,13 +262,10 @@ async def serve(config: GatewayConfig, port_file: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = add_arguments(argparse.ArgumentParser(prog="diffmesh serve gateway"))
-    args = parser.parse_args(argv)
-    logs.configure("gateway")
-    try:
-        config = load_config(args)
-    except (ValueError, OSError) as error:
-        parser.error(str(error))
+    config, args = parse_config(argv)      # flags > env > --config file > defaults; a bad value exits 2 in one line
+    logs.configure("gateway", fmt=args.log_format)
+    tracing.setup_tracing("gateway")     # before the stage pools' channels and the gRPC server are made
+    metrics.set_build_info("gateway")
     run_until_stopped(serve(config, args.port_file))
 
 

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 
 from services.common.errors import NotFound, Unavailable
 from services.common.limits import check_request_id
+from services.families.limits import Limits
+from services.gateway import media_assets
 from services.gateway.auth import Gatekeeper
 from services.gateway.config import GatewayConfig
 from services.gateway.jobs import Job, JobStore, new_job_id
@@ -26,6 +28,13 @@ class GatewayService:
         self.jobs = jobs
         self._draining = False
         self.gatekeeper = Gatekeeper(config.api_keys, config.rate_limit_per_minute)
+        # Every name a request may give -> the model's id (its first served name), for both front doors.
+        self.served_names: dict[str, str] = {}
+        for model in config.models:
+            for name in (model.name, *model.aliases):
+                self.served_names.setdefault(name, model.name)
+        for name in pipeline.model_names:       # a pipeline built without the config's models (tests, tools)
+            self.served_names.setdefault(name, name)
 
     def admit(self, authorization: str | None) -> str:
         """Who is calling (the API key's id; "" with no keys configured), before any work: Unauthenticated for a
@@ -56,9 +65,39 @@ class GatewayService:
         await self.job_of(job_id, owner)
         return await self.jobs.cancel(job_id)
 
+    async def delete_job(self, job_id: str, owner: str) -> None:
+        """Delete `owner`'s job, its rows and its files (a job not finished is cancelled first)."""
+        await self.job_of(job_id, owner)
+        await self.jobs.delete(job_id)
+
+    def latest_preview(self, job_id: str) -> tuple[bytes, str] | None:
+        """A running job's latest live preview (encoded image, mime type), if it has one yet: None unless it asked
+        for previews (preview_every) and runs on this gateway (JobStore.latest_preview). As WebP, the media type of
+        a finished video's thumbnail (media_assets.thumbnail), so the variant's type does not change when the job
+        ends; at latent resolution (1/8 of the video's sides for Wan), which is what a preview is."""
+        png = self.jobs.latest_preview(job_id)
+        if png is None:
+            return None
+        return media_assets.encode_image(png, "webp", media_assets.THUMBNAIL_QUALITY)
+
     @property
     def models(self) -> list[str]:
+        """The served models' ids (their first names), the default first."""
         return self.pipeline.model_names
+
+    def model_id(self, name: str) -> str:
+        """The id of the model a request names: its id or one of its aliases (--served-model-name); "" is the
+        default model. Everything past the front doors (jobs, stages, responses) uses the id only."""
+        if not name:
+            return self.config.model_name or self.pipeline.model_names[0]
+        try:
+            return self.served_names[name]
+        except KeyError:
+            raise NotFound(f"model {name[:128]!r} not found; available: {list(self.served_names)}") from None
+
+    async def limits(self, name: str) -> Limits:
+        """The limits of the model a request names (an alias or "" too)."""
+        return await self.pipeline.limits(self.model_id(name))
 
     async def new_request(
         self,
@@ -82,12 +121,13 @@ class GatewayService:
         request_id: str = "",
         image: bytes = b"",
         owner: str = "",
+        preview_every: int | None = None,
     ) -> GenerationRequest:
         """The one frozen request: what the caller left out (None) takes the gateway's default, then the model's
         (from its limits), here and only here; what it gave is kept as given, so an explicit 0 fails validation
         naming its field instead of silently becoming a default. Draws a seed if none. An unknown model is
         NotFound; a model whose stages are down, Unavailable."""
-        name = model or self.config.model_name
+        name = self.model_id(model)
         limits = await self.pipeline.limits(name)
         d = self.config.defaults
         return GenerationRequest(
@@ -111,6 +151,7 @@ class GatewayService:
             timeout_s=self.config.request_timeout_s,
             image=image,
             owner=owner,
+            preview_every=first_given(preview_every, 0),
         )
 
     async def submit(self, request: GenerationRequest, prefix: str = "gen", stream: bool = True) -> Job:

@@ -320,6 +320,12 @@ class StagePool:
                         HEALTH_TIMEOUT_S)
         return any(r.serving for r in self.replicas)
 
+    def serving_now(self) -> bool:
+        """Whether a replica reports SERVING now, as the watches last said (starting any not yet running); no wait,
+        no call: the gateway's own gRPC health reads this a few times a second."""
+        self._watch_all()
+        return any(r.serving for r in self.replicas)
+
     async def serving_within(self, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
         """Whether a replica reports SERVING, waiting up to `timeout_s` for one to (a replica coming back reports
         within its reconnect back-off)."""

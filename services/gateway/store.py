@@ -49,6 +49,7 @@ jobs = sa.Table(
     sa.Index("diffmesh_jobs_queue", "status", "model", "created_at"),
     sa.Index("diffmesh_jobs_lease", "lease_owner"),
     sa.Index("diffmesh_jobs_completed", "completed_at"),
+    sa.Index("diffmesh_jobs_owner", "owner", "created_at"),     # a caller's own jobs, newest first (GET /v1/videos)
 )
 inputs = sa.Table(
     "diffmesh_job_inputs", metadata,
@@ -341,6 +342,29 @@ class JobDatabase:
                 jobs.c.status == "queued", jobs.c.model == job.model,
                 (jobs.c.created_at < job.created_at) | ((jobs.c.created_at == job.created_at) & (jobs.c.id < job.id))
             )).scalar_one()
+
+    def page(self, *, owner: str, id_prefix: str, after: str | None, limit: int,
+             descending: bool) -> tuple[list[JobRow], bool] | None:
+        """One page of `owner`'s jobs whose id starts with `id_prefix`, by creation time (then id), and whether more
+        follow; `after`: the id the previous page ended with (None if it is not such a job of `owner`'s)."""
+        order = (jobs.c.created_at.desc(), jobs.c.id.desc()) if descending else (jobs.c.created_at, jobs.c.id)
+        mine = sa.and_(jobs.c.owner == owner, jobs.c.id.startswith(id_prefix, autoescape=True))
+        with self.engine.connect() as conn:
+            where = mine
+            if after is not None:
+                cursor = conn.execute(sa.select(jobs.c.created_at, jobs.c.id).where(mine, jobs.c.id == after)).first()
+                if cursor is None:
+                    return None
+                # Keyset paging: what follows the cursor in the order, however many rows were added meanwhile.
+                if descending:
+                    follows = (jobs.c.created_at < cursor.created_at) | (
+                        (jobs.c.created_at == cursor.created_at) & (jobs.c.id < cursor.id))
+                else:
+                    follows = (jobs.c.created_at > cursor.created_at) | (
+                        (jobs.c.created_at == cursor.created_at) & (jobs.c.id > cursor.id))
+                where = sa.and_(mine, follows)
+            rows = conn.execute(sa.select(jobs).where(where).order_by(*order).limit(limit + 1)).all()
+        return [_row(row) for row in rows[:limit]], len(rows) > limit
 
     def expired(self, *, older_than: float | None, max_bytes: int | None) -> list[str]:
         """Finished jobs to delete: those finished before `older_than`, then the oldest finished until the

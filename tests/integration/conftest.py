@@ -50,14 +50,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mesh(model_dir: pathlib.Path, extra: list[str] | None = None) -> RunningMesh:
+def start_mesh(model_dir: pathlib.Path, extra: list[str] | None = None,
+               env: dict[str, str] | None = None) -> RunningMesh:
+    """`diffmesh up` serving `model_dir` with `extra` flags, and `env` added to the environment of it and its
+    services (e.g. OTEL_EXPORTER_OTLP_ENDPOINT)."""
     # Its own jobs directory: no two test meshes (nor a developer's own `diffmesh up`) share jobs.
     data_dir = tempfile.mkdtemp(prefix="diffmesh-test-data-")
     argv = [sys.executable, "-m", "diffmesh.cli", "up", "--model", str(model_dir), "--grpc-port", "0",
             "--http-port", "0", "--default-size", "32x32", "--default-steps", "3", "--data-dir", data_dir,
             *(extra or [])]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     log: list[str] = []
     ready = threading.Event()
     match: dict[str, str] = {}
@@ -124,8 +127,21 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def mesh(model_dir) -> RunningMesh:
-    running = start_mesh(model_dir)
+def trace_receiver():
+    """An OTLP receiver the session mesh exports its spans to (tests/integration/test_observability.py reads them)."""
+    from tests.integration.otlp_receiver import TraceReceiver
+
+    running = TraceReceiver().start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh(model_dir, trace_receiver) -> RunningMesh:
+    # Traced, so the observability tests need no mesh of their own (each start costs the CI machine ~30 s); the
+    # families mesh and the other test meshes run with tracing off, the default.
+    running = start_mesh(model_dir, env={"OTEL_EXPORTER_OTLP_ENDPOINT": trace_receiver.endpoint,
+                                         "OTEL_BSP_SCHEDULE_DELAY": "100"})   # spans leave every 100 ms, not 5 s
     yield running
     code = stop_mesh(running)
     log_file = os.environ.get("DIFFMESH_TEST_MESH_LOG")

@@ -30,13 +30,15 @@ RETURN_BOUND_S = 2.0      # a stage back (SERVING) is used again within this lon
 
 @dataclasses.dataclass
 class Replica:
-    """One denoiser process on a fixed port, so that a restart comes back at the same address."""
+    """One stage process (a denoiser unless `module` says otherwise) on a fixed port, so that a restart comes back
+    at the same address."""
 
     model_dir: pathlib.Path
     model: str
     port: int
     log: pathlib.Path
     process: subprocess.Popen | None = None
+    module: str = "services.denoiser.server"
 
     @property
     def address(self) -> str:
@@ -45,7 +47,7 @@ class Replica:
     def start(self) -> None:
         port_file = self.log.with_suffix(f".port-{time.monotonic_ns()}")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.denoiser.server", "--model", str(self.model_dir), "--model-name",
+            [sys.executable, "-m", self.module, "--model", str(self.model_dir), "--model-name",
              self.model, "--port", str(self.port), "--port-file", str(port_file), "--grace", "10"],
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
         self._port_file = port_file
@@ -54,8 +56,8 @@ class Replica:
         """Block until it serves (its port file is written once health says SERVING); return when that was."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._port_file.exists():
-            assert self.process.poll() is None, f"denoiser exited:\n{self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "denoiser did not start"
+            assert self.process.poll() is None, f"{self.module} exited:\n{self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{self.module} did not start"
             time.sleep(0.02)
         return time.monotonic()
 

@@ -69,7 +69,7 @@ class DenoiserProcess:
                 self.process.kill()
                 raise RuntimeError("denoiser did not start:\n" + "".join(self.log[-40:]))
             time.sleep(0.1)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        self.address = f"127.0.0.1:{port_file.read_text().split()[0]}"     # "GRPC_PORT METRICS_PORT"
         self.stub = denoiser_pb2_grpc.DenoiserStub(grpc.insecure_channel(self.address))
 
     def stop(self) -> int:

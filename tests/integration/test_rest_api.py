@@ -92,6 +92,12 @@ def test_video_seconds_become_4k_plus_1_frames(http):
     assert wait_for(http, job["id"])["status"] == "completed"
 
 
+def test_an_unknown_field_is_400_naming_it_not_ignored(http):
+    for path in ("/v1/images/generations", "/v1/videos"):
+        reply = http.post(path, json={"prompt": "a cat", "size": "32x32", "sampler": "euler"})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "sampler"
+
+
 def test_unknown_video_is_404(http):
     for path in ("/v1/videos/video_nope", "/v1/videos/video_nope/content"):
         reply = http.get(path)
@@ -100,10 +106,11 @@ def test_unknown_video_is_404(http):
 
 
 def test_cancelled_video_reports_failed_with_cancelled_code(http):
+    # POST .../cancel stops a job and keeps it; DELETE (OpenAI's) removes it (tests/integration/test_openai_sdk.py).
     job = http.post("/v1/videos", json={"prompt": "slow", "size": "256x256", "num_frames": 33,
                                         "num_inference_steps": 200}).json()
-    cancelled = http.delete(f"/v1/videos/{job['id']}")
-    assert cancelled.status_code == 200
+    cancelled = http.post(f"/v1/videos/{job['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["id"] == job["id"]
     done = wait_for(http, job["id"], timeout=60)
     assert done["status"] == "failed" and done["error"]["code"] == "cancelled"
     assert http.get(f"/v1/videos/{job['id']}/content").status_code == 409

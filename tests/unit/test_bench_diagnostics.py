@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from bench.diagnostics.profile_gang import across_ranks, timeline
 from bench.gang import warm_up
-from bench.profile_gang import across_ranks, timeline
 
 
 def _kernel(name: str, ts: float, dur: float) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for services.gateway.config: flag > environment > TOML file > default, and size parsing."""
+"""Tests for services.gateway.config: flag > environment > TOML file > default, bad values named, and size parsing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from services.gateway.config import (
     ModelStages,
     add_arguments,
     load_config,
+    parse_config,
     parse_size,
 )
 
@@ -259,3 +260,53 @@ def test_input_limits_defaults_flags_and_file(tmp_path):
 def test_input_limits_must_be_positive(argv):
     with pytest.raises(ValueError):
         _load(*argv)
+
+
+def test_one_setting_at_every_level_flag_env_file_default(monkeypatch, tmp_path):
+    """The order for a setting that has all four: --rate-limit, DIFFMESH_RATE_LIMIT, `rate_limit` in the file, none."""
+    path = tmp_path / "gateway.toml"
+    path.write_text("rate_limit = 10\n")
+    assert _load().rate_limit_per_minute is None
+    assert _load("--config", str(path)).rate_limit_per_minute == 10.0
+    monkeypatch.setenv("DIFFMESH_RATE_LIMIT", "20")
+    assert _load("--config", str(path)).rate_limit_per_minute == 20.0
+    assert _load("--config", str(path), "--rate-limit", "30").rate_limit_per_minute == 30.0
+
+
+def test_keys_and_served_names_from_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "gateway.toml"
+    path.write_text('api_keys = "k1,k2"\nserved_model_name = ["wan", "wan-latest"]\n')
+    config = _load("--config", str(path))
+    assert config.api_keys == ("k1", "k2")
+    assert (config.models[0].name, config.models[0].aliases) == ("wan", ("wan-latest",))
+    monkeypatch.setenv("DIFFMESH_API_KEYS", "env-key")
+    assert _load("--config", str(path)).api_keys == ("env-key",)
+    assert _load("--config", str(path), "--api-key", "flag-key").api_keys == ("flag-key",)
+
+
+@pytest.mark.parametrize(("file_text", "env", "message"), [
+    ("max_step = 3\n", {}, "unknown setting 'max_step'"),
+    ("grpc_port = \"many\"\n", {}, "grpc_port = 'many': Input should be a valid integer"),
+    ("", {"DIFFMESH_RATE_LIMIT": "fast"}, "DIFFMESH_RATE_LIMIT='fast' (for --rate-limit)"),
+])
+def test_a_bad_file_key_or_env_value_is_refused_naming_it(tmp_path, monkeypatch, file_text, env, message):
+    path = tmp_path / "gateway.toml"
+    path.write_text(file_text)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as info:
+        _load("--config", str(path))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--default-size", "64"], "--default-size: '64' is not of the form WIDTHxHEIGHT"),
+    (["--max-steps", "0"], "max_steps must be at least 1"),
+    (["--config", "/nonexistent/gateway.toml"], "--config /nonexistent/gateway.toml: No such file"),
+])
+def test_serve_gateway_reports_a_bad_value_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        parse_config(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffmesh serve gateway: error: ") and message in err and err.count("\n") == 1, err

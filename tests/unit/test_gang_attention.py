@@ -34,7 +34,10 @@ def _inputs(batch: int):
     return hidden, (angles.cos(), angles.sin())
 
 
-def _rank(rank: int, port: int, batch: int, out_dir: str) -> None:
+BATCHES = (1, 2)
+
+
+def _rank(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -43,19 +46,27 @@ def _rank(rank: int, port: int, batch: int, out_dir: str) -> None:
         processor = SequenceParallelAttention(CollectiveExchange(ulysses), AxisGroup(None, [rank], 0), _lse_flash_cpu)
         processor.valid_keys = [TOKENS]
         attention.set_processor(processor)
-        hidden, rotary = _inputs(batch)
         local = slice(rank * TOKENS // 2, (rank + 1) * TOKENS // 2)
-        with torch.inference_mode():
-            out = attention(hidden[:, local], rotary_emb=rotary)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        for batch in BATCHES:
+            hidden, rotary = _inputs(batch)
+            with torch.inference_mode():
+                out = attention(hidden[:, local], rotary_emb=rotary)
+            torch.save(out, os.path.join(out_dir, f"rank{rank}-batch{batch}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_ulysses_on_two_ranks_equals_diffusers_attention_on_the_whole_sequence(tmp_path, batch):
-    mp.start_processes(_rank, args=(free_port(), batch, str(tmp_path)), nprocs=2, start_method="spawn")
-    gathered = torch.cat([torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)], dim=1)
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """Both batch sizes in one spawned gang: each spawn costs the CI machine two interpreters' imports."""
+    out_dir = tmp_path_factory.mktemp("ulysses")
+    mp.start_processes(_rank, args=(free_port(), str(out_dir)), nprocs=2, start_method="spawn")
+    return out_dir
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_ulysses_on_two_ranks_equals_diffusers_attention_on_the_whole_sequence(outputs, batch):
+    gathered = torch.cat([torch.load(outputs / f"rank{rank}-batch{batch}.pt") for rank in range(2)], dim=1)
 
     attention = _attention_module()                 # diffusers' WanAttnProcessor
     hidden, rotary = _inputs(batch)

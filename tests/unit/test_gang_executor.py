@@ -3,6 +3,8 @@ loop, and that a broken gang is reported to the caller (the worker decides about
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,6 +47,7 @@ class StubEngine:
         self.fails = fails
         self.checked: list[str] = []
         self.ran: list[str] = []
+        self.previews: list[object] = []        # the on_preview each run got
 
     def check(self, params: DenoiseParams) -> None:
         self.checked.append(params.request_id)
@@ -52,7 +55,8 @@ class StubEngine:
     def check_conditioning(self, params: DenoiseParams, tensors) -> None:
         pass
 
-    def denoise(self, params, tensors, on_step=None, cancelled=lambda: False) -> torch.Tensor:
+    def denoise(self, params, tensors, on_step=None, cancelled=lambda: False, on_preview=None) -> torch.Tensor:
+        self.previews.append(on_preview)
         if cancelled():
             raise Cancelled("cancelled at step 0 of 2")
         if self.fails:
@@ -107,3 +111,18 @@ def test_a_follower_runs_each_request_until_stop():
 def test_a_follower_that_fails_mid_request_leaves_with_gang_broken():
     with pytest.raises(GangBroken):
         GangExecutor(StubEngine(fails=True), StubGang([DenoiseMessage(params(), {}), STOP])).follow()
+
+
+def test_only_the_leader_previews_and_a_follower_runs_the_same_request_without():
+    """Previews are local work on the leader's whole latents: the followers run the same request (preview_every
+    included, so every rank checks the same params) with no preview callback, and stay in step."""
+    previewing = dataclasses.replace(params("a"), preview_every=1)
+    engine = StubEngine()
+    executor, _ = leader(StubGang(), engine)
+    on_preview = lambda done, total, image: None  # noqa: E731
+    executor.denoise(previewing, {}, on_preview=on_preview)
+    assert engine.previews == [on_preview]
+
+    follower = StubEngine()
+    GangExecutor(follower, StubGang([DenoiseMessage(previewing, {}), STOP])).follow()
+    assert follower.ran == ["a"] and follower.previews == [None]

@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from services.common import settings
 from services.common.devca import make_dev_ca
 from services.common.tls import TlsFiles, add_tls_arguments, client_ssl_context, tls_from_args, uvicorn_options
 
@@ -20,7 +21,8 @@ def dev_ca(tmp_path_factory):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    return add_tls_arguments(argparse.ArgumentParser()).parse_args(argv)
+    """As every server parses them: flags, then their environment variables (services/common/settings.py)."""
+    return settings.parse_args(add_tls_arguments(argparse.ArgumentParser()), argv)
 
 
 def test_no_tls_flags_means_plaintext(monkeypatch):

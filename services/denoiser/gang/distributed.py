@@ -78,49 +78,39 @@ def rendezvous_store(rank: int, world_size: int,
     return store, listener
 
 
-class Gang:
-    def __init__(self, layout: GangLayout, platform: Platform, rank: int, local_rank: int,
+class Ranks:
+    """The processes of one gang, whatever they split: this rank's device, the default process group (the
+    platform's backend, for tensors) and two CPU (gloo) groups for control. The denoiser's Gang adds its layout's
+    axes; the decoder's gang (services/decoder/gang.py) splits frames by rows over the default group."""
+
+    def __init__(self, platform: Platform, rank: int, local_rank: int, world_size: int,
                  timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
-        self.layout = layout
         self.platform = platform
         self.rank = rank
+        self.world_size = world_size
         self.timeout = timeout
-        self.at: Coordinates = layout.coordinates(rank)
         if platform.kind != "cpu":
             platform.set_device(local_rank % platform.device_count())
         self.device = platform.device(local_rank % platform.device_count() if platform.kind != "cpu" else None)
         platform.apply_collective_env()
         if not dist.is_initialized():
             options = {"device_id": self.device} if platform.kind != "cpu" else {}
-            # The listening socket stays open with the Gang: rank 0's store serves on its descriptor.
-            self._store, self._listener = rendezvous_store(rank, layout.world_size, timeout)
+            # The listening socket stays open with the gang: rank 0's store serves on its descriptor.
+            self._store, self._listener = rendezvous_store(rank, world_size, timeout)
             if self._store is not None:
                 options["store"] = self._store
-            dist.init_process_group(backend=platform.dist_backend, rank=rank, world_size=layout.world_size,
+            dist.init_process_group(backend=platform.dist_backend, rank=rank, world_size=world_size,
                                     timeout=timeout, **options)
-        if dist.get_world_size() != layout.world_size:
-            raise RuntimeError(f"WORLD_SIZE {dist.get_world_size()} != layout {layout.describe()}")
+        if dist.get_world_size() != world_size:
+            raise RuntimeError(f"WORLD_SIZE {dist.get_world_size()} != {self.describe()}")
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         # Requests and per-step agreement travel on a CPU group of their own. Timeouts are each process's own:
         # workers wait on it for as long as the gang is idle; the leader waits only `timeout`, so a worker that
         # hangs (not one that dies: that closes its connections) cannot hold a request or the leader forever.
         self.requests = dist.new_group(backend="gloo", timeout=timeout if rank == 0 else CONTROL_TIMEOUT)
-        self.axes = {axis: self._axis_group(axis) for axis in ("cfg", "ring", "ulysses", "tp", "sequence")}
-        logger.info("gang rank %d of %d (%s) on %s: %s", rank, layout.world_size, layout.describe(), self.device,
-                    self.at)
 
-    def _axis_group(self, axis: str) -> AxisGroup:
-        mine = None
-        # new_group must be called by every rank for every group, in the same order.
-        for ranks in self.layout.groups(axis):
-            group = dist.new_group(ranks, timeout=self.timeout) if len(ranks) > 1 else None
-            if self.rank in ranks:
-                mine = AxisGroup(group=group, ranks=ranks, index=ranks.index(self.rank))
-        assert mine is not None
-        return mine
-
-    def axis(self, name: str) -> AxisGroup:
-        return self.axes[name]
+    def describe(self) -> str:
+        return f"{self.world_size} ranks"
 
     @property
     def is_leader(self) -> bool:
@@ -134,6 +124,12 @@ class Gang:
         dist.broadcast_object_list(box, src=0, group=self.requests)
         return box[0]
 
+    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` into every rank's (same shape and dtype, on this rank's device), over the default
+        (device) group: tensors too big to pickle over the control group."""
+        dist.broadcast(tensor, src=0)
+        return tensor
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any: how the leader's cancellation reaches all."""
         value = torch.tensor([1 if flag else 0], dtype=torch.int32)
@@ -146,3 +142,30 @@ class Gang:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class Gang(Ranks):
+    def __init__(self, layout: GangLayout, platform: Platform, rank: int, local_rank: int,
+                 timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
+        self.layout = layout
+        self.at: Coordinates = layout.coordinates(rank)
+        super().__init__(platform, rank, local_rank, layout.world_size, timeout)
+        self.axes = {axis: self._axis_group(axis) for axis in ("cfg", "ring", "ulysses", "tp", "sequence")}
+        logger.info("gang rank %d of %d (%s) on %s: %s", rank, layout.world_size, layout.describe(), self.device,
+                    self.at)
+
+    def describe(self) -> str:
+        return f"layout {self.layout.describe()}"
+
+    def _axis_group(self, axis: str) -> AxisGroup:
+        mine = None
+        # new_group must be called by every rank for every group, in the same order.
+        for ranks in self.layout.groups(axis):
+            group = dist.new_group(ranks, timeout=self.timeout) if len(ranks) > 1 else None
+            if self.rank in ranks:
+                mine = AxisGroup(group=group, ranks=ranks, index=ranks.index(self.rank))
+        assert mine is not None
+        return mine
+
+    def axis(self, name: str) -> AxisGroup:
+        return self.axes[name]

@@ -18,7 +18,7 @@ import torch
 
 from services.common.errors import Cancelled, Unavailable
 from services.common.logs import request_context
-from services.denoiser.engine import DenoiseParams, DenoiserEngine, StepCallback
+from services.denoiser.engine import DenoiseParams, DenoiserEngine, PreviewCallback, StepCallback
 from services.denoiser.gang.distributed import Gang
 from services.families.base import Limits
 
@@ -78,14 +78,18 @@ class GangExecutor:
     # The leader: check -> hand over -> run ------------------------------------------------------------------
 
     def denoise(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor],
-                on_step: StepCallback | None = None, cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
-        """Checked here first, so that a bad request fails on the leader alone and the gang stays in step."""
+                on_step: StepCallback | None = None, cancelled: Callable[[], bool] = lambda: False,
+                on_preview: PreviewCallback | None = None) -> torch.Tensor:
+        """Checked here first, so that a bad request fails on the leader alone and the gang stays in step. Only the
+        leader previews: every rank holds the whole latents after each step (the sequence-parallel transformer
+        gathers its output, and every rank runs the scheduler), and a preview is local work with no collective, so
+        the followers skip it without falling out of step."""
         self.check(params)
         self.check_conditioning(params, tensors)
         message = DenoiseMessage(params, {name: tensor.cpu() for name, tensor in tensors.items()})
         try:
             self._hand_over(message)
-            return self._run(params, message.tensors, on_step, lambda: self.gang.any_rank(cancelled()))
+            return self._run(params, message.tensors, on_step, lambda: self.gang.any_rank(cancelled()), on_preview)
         except GangBroken:
             self.on_broken()
             raise
@@ -118,9 +122,9 @@ class GangExecutor:
                     pass
 
     def _run(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor], on_step: StepCallback | None,
-             cancelled: Callable[[], bool]) -> torch.Tensor:
+             cancelled: Callable[[], bool], on_preview: PreviewCallback | None = None) -> torch.Tensor:
         try:
-            return self.engine.denoise(params, tensors, on_step, cancelled)
+            return self.engine.denoise(params, tensors, on_step, cancelled, on_preview)
         except Cancelled:
             raise
         except BaseException:

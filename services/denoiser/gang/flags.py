@@ -16,11 +16,14 @@ def add_gang_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                                      "(devices = cfg x ring x ulysses x tp)")
     gang.add_argument("--devices", type=int, default=None,
                       help="processes/devices in the gang (default 1, or $WORLD_SIZE when launched by torchrun)")
-    gang.add_argument("--ulysses", type=int, default=None, help="Ulysses sequence-parallel degree (heads all-to-all)")
-    gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree")
+    gang.add_argument("--ulysses", type=int, default=None,
+                      help="Ulysses sequence-parallel degree (heads all-to-all) (default: what --cfg-parallel leaves "
+                      "of the devices when --ring and --tp are not given either; else 1)")
+    gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree (default: 1)")
     gang.add_argument("--cfg-parallel", action="store_true",
                       help="conditional and unconditional branches on different devices (degree 2)")
-    gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (heads and FFN sharded)")
+    gang.add_argument("--tp", type=int, default=None,
+                      help="tensor-parallel degree (heads and FFN sharded) (default: 1)")
     gang.add_argument("--gang-timeout", type=positive_seconds, default=DEFAULT_COLLECTIVE_TIMEOUT.total_seconds(),
                       metavar="SECONDS", help="how long a rank waits in a collective for the others before the "
                       "gang counts as broken (answers UNAVAILABLE and exits) (default %(default)s)")

@@ -18,10 +18,9 @@ import signal
 
 from services.common import logs
 from services.common.server import StartupError, run_server
-from services.common.stage import StageSpec, serve_engine, setup_stage, stage_tls, write_port_file
+from services.common.stage import StageSpec, port_file_writer, serve_engine, serve_metrics, setup_stage, stage_tls
 from services.denoiser.compile import compile_from_args
-from services.denoiser.engine import DenoiserEngine
-from services.denoiser.gang.distributed import Gang
+from services.denoiser.gang.distributed import Gang, Ranks
 from services.denoiser.gang.engine import gang_engine
 from services.denoiser.gang.executor import GangExecutor
 from services.denoiser.gang.flags import resolve_layout
@@ -58,12 +57,14 @@ async def serve_gang_rank(spec: StageSpec, args: argparse.Namespace, rank: int, 
         await follow(args, GangExecutor(engine, gang), local_rank)
 
 
-async def lead(spec: StageSpec, args: argparse.Namespace, engine: DenoiserEngine, gang: Gang) -> None:
-    """Serve the stage over gRPC until stopped, then release the other ranks; exit 1 once the gang breaks."""
+async def lead(spec: StageSpec, args: argparse.Namespace, engine: object, gang: Ranks,
+               executor_class: type = GangExecutor) -> None:
+    """Serve the stage over gRPC until stopped, then release the other ranks; exit 1 once the gang breaks.
+    `executor_class(engine, gang, on_broken=...)` is what the servicer drives (the decoder's gang brings its own)."""
     loop = asyncio.get_running_loop()
     broken = asyncio.Event()
-    executor = GangExecutor(engine, gang, on_broken=lambda: loop.call_soon_threadsafe(broken.set))
-    logger.info("gang of %d ready: %s", gang.layout.world_size, gang.layout.describe())
+    executor = executor_class(engine, gang, on_broken=lambda: loop.call_soon_threadsafe(broken.set))
+    logger.info("gang of %d ready: %s", gang.world_size, gang.describe())
     serving = asyncio.ensure_future(serve_engine(spec, args, executor))
     watching = asyncio.ensure_future(broken.wait())
     try:
@@ -101,11 +102,11 @@ async def follow_leader(args: argparse.Namespace, executor: GangExecutor, local_
         await asyncio.to_thread(executor.follow)
         return
     stop = asyncio.Event()
-    port_file = args.port_file
+    # Its own metrics too: its device's memory, its steps' times.
+    on_started = port_file_writer(args, serve_metrics(args))
     health = asyncio.ensure_future(run_server(
         services=[], host=args.host, port=args.port, grace_seconds=0, stop_event=stop, handle_signals=False,
-        tls=stage_tls(args),
-        on_started=(lambda port: write_port_file(port_file, str(port))) if port_file else None))
+        tls=stage_tls(args), on_started=on_started))
     try:
         await asyncio.to_thread(executor.follow)
     finally:

@@ -2,9 +2,9 @@
 kernels summed by name (communication, copies, attention, GEMMs), then a timeline summary: how long the
 device computed, how long it sat idle (and before which kind of kernel, i.e. what it waited for), and how much
 communication ran alone (not hidden behind compute).
-A diagnostic for bench/gang.py.
+A diagnostic for bench/gang.py (docs/perf-log.md, 2026-11-21).
 
-    python bench/profile_gang.py --layout ulysses4 --size 720       # launches the ranks itself
+    python bench/diagnostics/profile_gang.py --layout ulysses4 --size 720     # starts its ranks with bench/ranks.py
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.gang import LAYOUTS, TEXT_TOKENS, layout_size, parse_size  # noqa: E402
+from bench.ranks import bind_to_driver, run_ranks  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -215,18 +215,15 @@ def main() -> int:
                         help="chrome trace path; each rank writes NAME-rankR.json (default /tmp/profile-*.json)")
     args = parser.parse_args()
     if args.role == "worker":
+        bind_to_driver()
         worker(args)
         return 0
-    from services.denoiser.gang.launcher import free_port
-
     world = layout_size(LAYOUTS[args.layout])
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
-    argv = [sys.executable, __file__, "worker", "--layout", args.layout, "--size", args.size, "--model", args.model,
+    argv = [__file__, "worker", "--layout", args.layout, "--size", args.size, "--model", args.model,
             "--rows", str(args.rows)]
     if args.trace:
         argv += ["--trace", args.trace]
-    processes = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
-    code = max(p.wait() for p in processes)
+    code = 0 if run_ranks(argv, world).ok else 1
     if code == 0 and world > 1:
         trace = pathlib.Path(args.trace or f"/tmp/profile-{args.layout}-{args.size}.json")
         traces = [trace.with_name(f"{trace.stem}-rank{r}{trace.suffix}") for r in range(world)]

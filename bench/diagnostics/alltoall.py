@@ -2,9 +2,9 @@
 skew around it, on NCCL and on copy engines (with a check that the copy-engine exchange delivers exactly what an
 all-gather says it should), the raw peer-to-peer copies under it issued every way at hand, how fast each GPU runs
 the same attention kernel (a slow GPU makes every rank wait), and what splitting that kernel by query block would
-cost. A diagnostic for bench/gang.py; prints JSON lines from rank 0.
+cost. A diagnostic for bench/gang.py (docs/perf-log.md, 2026-11-21); prints JSON lines from rank 0.
 
-    python bench/alltoall.py --gpus 2            # launches the ranks itself
+    python bench/diagnostics/alltoall.py --gpus 2            # starts its ranks with bench/ranks.py
 """
 
 from __future__ import annotations
@@ -12,12 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import pathlib
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.ranks import bind_to_driver, run_ranks  # noqa: E402
 
 
 def timed_ms(fn, iterations: int) -> float:
@@ -37,7 +43,6 @@ def timed_ms(fn, iterations: int) -> float:
 def copy_engine_exchanges(args: argparse.Namespace, rank: int, world: int, tokens: int) -> None:
     """Ulysses' copy-engine exchange alone: q/k/v in (three sends, then their arrival) and the attention output
     back, with every rank in step (the exchange's flags make each wait for the slowest peer)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from services.denoiser.gang.copy_engine import CopyEngineExchange, unavailable_reason
     from services.denoiser.gang.distributed import AxisGroup
 
@@ -95,7 +100,6 @@ def raw_copies(args: argparse.Namespace, rank: int, world: int, tokens: int) -> 
     each way of issuing them timed alone: one peer; every peer on one stream; on a stream each (do the copy engines
     run them at once?); each share split over several streams; pulled by the receiver instead of pushed; and
     written by copy kernels on the SMs. Microseconds per round of every rank's copies."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch.distributed._symmetric_memory as symm_mem
 
     from services.denoiser.gang.copy_engine import _Driver, _rendezvous
@@ -263,16 +267,13 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=20)
     args = parser.parse_args()
     if args.role == "worker":
+        bind_to_driver()
         worker(args)
         return 0
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from services.denoiser.gang.launcher import free_port
-
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(args.gpus)}
-    argv = [sys.executable, os.path.abspath(__file__), "worker", "--tokens", str(args.tokens), "--width",
-            str(args.width), "--heads", str(args.heads), "--iterations", str(args.iterations)]
-    processes = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(args.gpus)]
-    return max(p.wait() for p in processes)
+    argv = [os.path.abspath(__file__), "worker", "--tokens", str(args.tokens), "--width", str(args.width),
+            "--heads", str(args.heads), "--iterations", str(args.iterations)]
+    run = run_ranks(argv, args.gpus)
+    return 0 if run.ok else 1
 
 
 if __name__ == "__main__":
