@@ -170,7 +170,7 @@ def _model_errors(doc: dict) -> list[tuple[tuple, str]]:
     except pydantic.ValidationError as error:
         return [(tuple(item["loc"]), item["msg"]) for item in error.errors()]
     kept = json.loads(parsed.model_dump_json(by_alias=True, exclude_unset=True))
-    return [(path, "not a field of the API (ignored by the model)") for path in _dropped(json.loads(text), kept)]
+    return [(path, "not kept by the model: not a field of the API") for path in _dropped(json.loads(text), kept)]
 
 
 def validation_errors(doc: dict) -> list[str]:

@@ -13,7 +13,9 @@ import functools
 import inspect
 import ipaddress
 import logging
+import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,7 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.common import logs, metrics
+from services.common import logs, metrics, tracing
 from services.common.errors import Internal, InvalidArgument, MeshError, ResourceExhausted
 from services.common.grpc_guard import (
     DEFAULT_HANDSHAKE_TIMEOUT_S,
@@ -241,6 +243,22 @@ def run_until_stopped(coroutine) -> None:
     except StartupError as error:
         logger.error("cannot start: %s", error)
         raise SystemExit(1) from None
+    exit_at_once(0)
+
+
+def exit_at_once(code: int) -> None:
+    """End a server that has stopped cleanly without the interpreter's teardown: its last garbage collection over a
+    loaded model's heap takes seconds (measured 3-5 s after `stopped` on a loaded 2-core machine), which every
+    restart, rolling update and `diffmesh up` stop would wait for, with nothing left to do. What atexit would have
+    done is done here: spans exported, logs and streams flushed."""
+    tracing.flush()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 class AdmissionGate:

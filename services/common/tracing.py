@@ -83,6 +83,15 @@ def setup_tracing(service_name: str) -> bool:
     return True
 
 
+def flush() -> None:
+    """Export the spans still batched (a process about to end without its atexit handlers calls this)."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_tracer_provider().shutdown()
+
+
 def instrument_fastapi(app) -> None:
     """Trace the gateway's REST requests (a client's `traceparent` header continues its trace); nothing when
     tracing is off."""

@@ -119,7 +119,7 @@ SPEC = StageSpec(
 
 def gang_size(args: argparse.Namespace, joined: tuple[int, int, int] | None) -> int:
     """How many ranks decode together; ValueError for flags that cannot work, before any process starts."""
-    devices = args.devices or (joined[1] if joined else 1)
+    devices = args.devices if args.devices is not None else (joined[1] if joined else 1)
     if devices < 1:
         raise ValueError(f"--devices must be at least 1, got {devices}")
     if joined is not None and devices != joined[1]:

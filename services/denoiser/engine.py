@@ -31,6 +31,8 @@ from services.common.limits import (
 )
 from services.common.models import ModelDir
 from services.common.platform import Platform
+from services.denoiser.batching import BatchOptions, make_batch_invariant
+from services.denoiser.cache import Agreement, StepCacheRun, check_cache
 from services.denoiser.compile import CompileOptions, compile_blocks
 from services.denoiser.predict import NoisePredictor, predict_on_one_device
 from services.families import family_for
@@ -48,7 +50,8 @@ TransformerLoad = Callable[[ModelDir, str, torch.dtype], torch.nn.Module]   # (m
 class DenoiserEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
                  device: torch.device | None = None, *, load: TransformerLoad | None = None,
-                 predict_noise: NoisePredictor = predict_on_one_device, compile: CompileOptions | None = None) -> None:
+                 predict_noise: NoisePredictor = predict_on_one_device, compile: CompileOptions | None = None,
+                 batching: BatchOptions | None = None) -> None:
         self.model_name = model.name
         self.platform = platform
         self.device = device or platform.device()
@@ -61,9 +64,21 @@ class DenoiserEngine:
         self.compile = compile
         # Sizes (width, height, frames, outputs) whose blocks are compiled, when compiling.
         self.compiled_sizes: set[tuple[int, int, int, int]] = set()
+        # A gang's ranks agree on step-cache decisions (gang/engine.py sets it); None: one device decides alone.
+        self.cache_agreement: Agreement | None = None
+        self.last_cache: StepCacheRun | None = None      # the last cached request's run (its skip counts)
+
+        # Request batching (batching.py): the server's BatchQueue drives it; None or max_batch 1: each request alone.
+        self.batching = batching if batching is not None and batching.enabled else None
+        if self.batching and compile:
+            raise ValueError("--max-batch > 1 with --compile: not available yet (the compiled blocks are traced for "
+                             "one request's batch)")
 
         def load_component(component: str) -> torch.nn.Module:
             transformer = self.attention.install(load(model, component, weights_dtype))
+            if self.batching and self.device.type == "cpu":
+                # Bit-equal to solo on CPU (batching.py); a GPU's kernels are picked by shape anyway: within rounding.
+                transformer = make_batch_invariant(transformer)
             return compile_blocks(transformer, compile) if compile else transformer
 
         self.denoising = self.family.denoising(model, load_component, self.device)
@@ -109,6 +124,10 @@ class DenoiserEngine:
         check_outputs(params.num_outputs)
         check_seed(params.seed)
         check_preview_every(params.preview_every, params.num_inference_steps)
+        check_cache(params.cache, self.family.name)
+        if params.cache is not None and self.compile:
+            # The cache hooks replace the blocks' forwards, which the compiled blocks were traced from.
+            raise InvalidArgument("cache", "step caching is not available on a denoiser started with --compile")
         if params.request_id:   # a gang's ranks log under it
             check_request_id(params.request_id, "request_id")
         self.denoising.check(params)
@@ -116,8 +135,23 @@ class DenoiserEngine:
     def check_conditioning(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor]) -> None:
         self.denoising.check_conditioning(params, tensors)
 
+    def denoise(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor], on_step: StepCallback | None = None,
+                cancelled: Callable[[], bool] = lambda: False, on_preview: PreviewCallback | None = None
+                ) -> torch.Tensor:
+        """The loop below, with the request's step caching (if any) on the transformers for this run only."""
+        if params.cache is None:
+            return self._denoise(params, tensors, on_step, cancelled, on_preview)
+        self.check(params)
+        run = StepCacheRun(params.cache, self.denoising.transformers, self.family.name, params.num_inference_steps,
+                           self.cache_agreement)
+        with run:
+            result = self._denoise(params, tensors, on_step, cancelled, on_preview)
+        self.last_cache = run
+        logger.info("%s", run.summary())
+        return result
+
     @torch.inference_mode()
-    def denoise(
+    def _denoise(
         self,
         params: DenoiseParams,
         tensors: Mapping[str, torch.Tensor],

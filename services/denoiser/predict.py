@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from services.denoiser.cache import branch
 from services.families.base import StepCall
 
 NoisePredictor = Callable[[StepCall], torch.Tensor]
@@ -20,7 +21,11 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 
 
 def predict_on_one_device(call: StepCall) -> torch.Tensor:
-    noise = call.model(**call.cond, return_dict=False)[0]
+    # Each branch in its own cache context (a no-op unless the request caches steps: services/denoiser/cache.py)
+    with branch(call.model, "cond"):
+        noise = call.model(**call.cond, return_dict=False)[0]
     if call.uncond is None:
         return noise
-    return guided(noise, call.model(**call.uncond, return_dict=False)[0], call.scale)
+    with branch(call.model, "uncond"):
+        noise_uncond = call.model(**call.uncond, return_dict=False)[0]
+    return guided(noise, noise_uncond, call.scale)

@@ -24,6 +24,7 @@ from services.common.models import check_model
 from services.common.server import AdmissionGate, rpc_method, run_until_stopped
 from services.common.stage import StageSpec, serve_stage, stage_parser
 from services.common.tensors import iter_chunks, receive_params_and_tensors, to_proto
+from services.denoiser.batching import BatchQueue, add_batching_arguments, batching_from_args
 from services.denoiser.compile import add_compile_arguments, compile_from_args
 from services.denoiser.engine import DenoiseParams, DenoiserEngine, PreviewCallback, StepCallback
 from services.denoiser.gang.distributed import env_rank
@@ -73,7 +74,12 @@ class Denoiser(Protocol):
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, engine: Denoiser, max_queue: int = 16) -> None:
         self.engine = engine
-        self.gate = AdmissionGate("denoiser", concurrency=1, max_queue=max_queue)
+        # With --max-batch N (batching.py) up to N requests are in the BatchQueue at once, which runs them as
+        # batches; the gate's concurrency (what GetCapacity reports) is N, so the gateway sends enough to batch.
+        options = getattr(engine, "batching", None)
+        self.batches = BatchQueue(engine, options) if options is not None else None
+        concurrency = options.max_batch if options is not None else 1
+        self.gate = AdmissionGate("denoiser", concurrency=concurrency, max_queue=max_queue)
 
     @rpc_method
     async def Denoise(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -102,9 +108,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         context.add_done_callback(lambda _: cancel.set())
 
         async with self.gate:
+            previews = on_preview if params.preview_every else None
             work = asyncio.ensure_future(
-                asyncio.to_thread(self.engine.denoise, params, tensors, on_step, cancel.is_set,
-                                  on_preview if params.preview_every else None)
+                self.batches.denoise(params, tensors, on_step, cancel.is_set, previews) if self.batches else
+                asyncio.to_thread(self.engine.denoise, params, tensors, on_step, cancel.is_set, previews)
             )
             # Its error is read below, unless the client went away first: then the loop's Cancelled is nobody's
             # error (asyncio would log it as "never retrieved", with a traceback).
@@ -139,8 +146,8 @@ SPEC = StageSpec(
     engine_class=DenoiserEngine,
     servicer_class=DenoiserServicer,
     add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,
-    add_arguments=lambda parser: add_compile_arguments(add_gang_arguments(parser)),
-    engine_options=lambda args: {"compile": compile_from_args(args)},
+    add_arguments=lambda parser: add_batching_arguments(add_compile_arguments(add_gang_arguments(parser))),
+    engine_options=lambda args: {"compile": compile_from_args(args), "batching": batching_from_args(args)},
 )
 
 
@@ -150,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         joined = env_rank()
         layout = resolve_layout(args, joined[1] if joined else None)
+        if batching_from_args(args).enabled and layout.world_size > 1:
+            # The gang's executor hands each rank one request at a time; batching there is not built yet.
+            raise ValueError(f"--max-batch {args.max_batch} needs one device: a gang (--devices "
+                             f"{layout.world_size}) runs one request at a time")
         if joined is None and layout.world_size > 1:
             logs.configure("denoiser")
             check_layout_for_model(layout, args)

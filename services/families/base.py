@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -29,6 +29,9 @@ from services.common.errors import InvalidArgument
 from services.common.models import ModelDir
 from services.families.limits import TASKS, Limits  # noqa: F401  (re-exported: the contract names both)
 from services.families.preview import LatentRGB, project
+
+if TYPE_CHECKING:
+    from services.denoiser.cache import StepCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Sampling:
     true_cfg_scale: float = 1.0
     guidance_scale_2: float | None = None    # a second expert's scale (Wan2.2 A14B); None: guidance_scale
     preview_every: int = 0                   # a preview every this many steps (before the last); 0: none
+    cache: StepCache | None = None           # step caching for this request (services/denoiser/cache.py); None: off
 
 
 @dataclasses.dataclass(frozen=True)

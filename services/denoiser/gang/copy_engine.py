@@ -142,7 +142,7 @@ class CopyEngineExchange:
         self._driver = _Driver()
         # One stream per destination, so each waits only on its own peer's "read" flags. The copies themselves still
         # run one after another (a GPU's peer copies never overlap in the profiles), at about 330 GB/s: what NVLink
-        # gives here with every GPU sending, since copy kernels and NCCL move no faster (bench/alltoall.py).
+        # gives here with every GPU sending, since copy kernels and NCCL move no faster (bench/diagnostics/alltoall.py).
         self._streams = [torch.cuda.Stream() for _ in range(self.degree)]
         self._epoch = 0
         self._capacity = -1

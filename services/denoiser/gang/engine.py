@@ -9,6 +9,7 @@ import torch
 
 from services.common.models import ModelDir
 from services.common.platform import Platform
+from services.denoiser.cache import Agreement
 from services.denoiser.compile import CompileOptions
 from services.denoiser.engine import DenoiserEngine
 from services.denoiser.gang.attention import LSE_KERNELS
@@ -34,8 +35,11 @@ def gang_engine(model: ModelDir, platform: Platform, dtype: torch.dtype | None, 
             whole = model.load(component, dtype=dtype, device=gang.device)
         return plan.sequence_parallel(whole, gang, lse_kernel)
 
-    return DenoiserEngine(model, platform, dtype, device=gang.device, load=load,
-                          predict_noise=GangNoisePredictor(gang.axis("cfg")), compile=compile)
+    engine = DenoiserEngine(model, platform, dtype, device=gang.device, load=load,
+                            predict_noise=GangNoisePredictor(gang.axis("cfg")), compile=compile)
+    # first_block's skip decisions, made from each rank's shard, are agreed across the gang (services/denoiser/cache.py)
+    engine.cache_agreement = Agreement(sequence=gang.axis("sequence"))
+    return engine
 
 
 def check_gang_model(model: ModelDir, layout: GangLayout) -> ParallelPlan:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from services.denoiser.axes import AxisGroup
+from services.denoiser.cache import branch
 from services.denoiser.predict import guided, predict_on_one_device
 from services.families.base import StepCall
 
@@ -31,7 +32,9 @@ class GangNoisePredictor:
 
 def predict_cfg_parallel(call: StepCall, cfg: AxisGroup) -> torch.Tensor:
     """cfg rank 0 runs the conditional branch, rank 1 the unconditional; both gather both and combine them."""
-    mine = call.model(**(call.cond if cfg.index == 0 else call.uncond), return_dict=False)[0].contiguous()
+    name = "cond" if cfg.index == 0 else "uncond"
+    with branch(call.model, name):      # its own cache state; the ranks' skip decisions agree (cache.py)
+        mine = call.model(**(call.cond if cfg.index == 0 else call.uncond), return_dict=False)[0].contiguous()
     branches = [torch.empty_like(mine) for _ in range(cfg.size)]
     dist.all_gather(branches, mine, group=cfg.group)
     noise_pred, noise_uncond = branches
@@ -46,7 +49,8 @@ def predict_outputs_split(call: StepCall, cfg: AxisGroup, count: int) -> torch.T
     device = call.cond["hidden_states"].device
     picked = torch.arange(start, start + share, device=device).clamp(max=count - 1)
     kwargs = {name: value[picked] if name in call.batched else value for name, value in call.cond.items()}
-    mine = call.model(**kwargs, return_dict=False)[0].contiguous()
+    with branch(call.model, "cond"):
+        mine = call.model(**kwargs, return_dict=False)[0].contiguous()
     shares = [torch.empty_like(mine) for _ in range(cfg.size)]
     dist.all_gather(shares, mine, group=cfg.group)
     return torch.cat(shares)[:count]

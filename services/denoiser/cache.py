@@ -1,0 +1,246 @@
+"""Step caching per request (off by default): diffusers' cache hooks on the request's transformers, for one run.
+
+A request's `cache` names a method diffusers implements: `first_block` (First Block Cache: skip the remaining blocks
+when the first block's residual changed less than `threshold`, relative), `taylorseer` (TaylorSeer: full forwards
+every `interval` steps after `warmup_steps`, Taylor-extrapolated attention outputs between) and `magcache`
+(MagCache: skip while the accumulated magnitude-ratio error stays under `threshold`; it needs the checkpoint's
+calibrated ratios, which diffusers ships for FLUX only, so another family must pass `mag_ratios`). TeaCache is not in
+diffusers (nor in another library this project takes), so it is refused naming `cache.method`.
+
+`StepCacheRun` enables the method on the transformers for one denoising run and disables it afterwards: the hooks
+are gone and the next uncached request runs the model's own forward, bit for bit as before. The noise predictors
+(predict.py, gang/predict.py) enter `branch(model, "cond"|"uncond")` around each call, as diffusers' pipelines enter
+`cache_context`, so each CFG branch keeps its own cache state.
+
+In a gang every rank must take the same skip decision: taylorseer and magcache decide from the step index and fixed
+ratios, the same on every rank; first_block decides from the first block's residual, of which a sequence-parallel
+rank sees only its shard. `Agreement` makes that decision collective: the two sums the metric is made of are
+all-reduced over the sequence group, and the resulting compute/skip flag is all-reduced with MAX over the whole gang
+(a rank skips only if every rank would). That also makes a CFG-parallel gang's cond and uncond ranks skip the same
+steps (both compute if either branch's metric says so). On one device each branch decides alone, as in diffusers'
+pipelines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from services.common.errors import InvalidArgument
+from services.denoiser.axes import AxisGroup
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("first_block", "taylorseer", "magcache")
+NOT_AVAILABLE = {"teacache": "teacache is not available: diffusers has no TeaCache hooks; first_block (First Block "
+                             "Cache, TeaCache's successor in diffusers) caches the same way"}
+DEFAULT_THRESHOLD = {"first_block": 0.05, "magcache": 0.06}     # diffusers' defaults
+DEFAULT_INTERVAL, DEFAULT_WARMUP_STEPS = 5, 3                   # taylorseer: diffusers' defaults
+FAMILY_MAG_RATIOS = {"flux": "FLUX_MAG_RATIOS"}                 # diffusers.hooks.mag_cache's calibrated ratios
+# The modules TaylorSeer extrapolates: diffusers' default patterns (fullmatch "^blocks.*attn") miss Wan's attn1/attn2
+TAYLORSEER_MODULES = {"wan": [r"^blocks\.\d+\.attn[12]$"]}
+_SESSION = "_diffmesh_step_cache"                               # the run, on each transformer it caches
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCache:
+    """A request's `cache` option. Unset numbers take the method's diffusers default."""
+
+    method: str
+    threshold: float | None = None          # first_block, magcache
+    interval: int | None = None             # taylorseer: steps between full forwards
+    warmup_steps: int | None = None         # taylorseer: full forwards before caching starts
+    mag_ratios: tuple[float, ...] = ()      # magcache: the checkpoint's calibrated ratios (FLUX: diffusers')
+
+    def describe(self) -> str:
+        if self.method == "taylorseer":
+            return (f"taylorseer interval={self.interval or DEFAULT_INTERVAL} "
+                    f"warmup_steps={self.warmup_steps if self.warmup_steps is not None else DEFAULT_WARMUP_STEPS}")
+        return f"{self.method} threshold={self.threshold_or_default()}"
+
+    def threshold_or_default(self) -> float:
+        return DEFAULT_THRESHOLD[self.method] if self.threshold is None else self.threshold
+
+
+def check_cache(cache: StepCache | None, family: str | None = None) -> None:
+    """Fields first (the gateway calls this without a family), then what the family can take."""
+    if cache is None:
+        return
+    if cache.method in NOT_AVAILABLE:
+        raise InvalidArgument("cache.method", NOT_AVAILABLE[cache.method])
+    if cache.method not in METHODS:
+        raise InvalidArgument("cache.method", f"{cache.method!r} is not one of {', '.join(METHODS)}")
+    if cache.threshold is not None:
+        if cache.method == "taylorseer":
+            raise InvalidArgument("cache.threshold", "taylorseer takes no threshold (it caches by interval)")
+        if not (math.isfinite(cache.threshold) and 0 < cache.threshold <= 10):
+            raise InvalidArgument("cache.threshold", f"{cache.threshold} is outside (0, 10]")
+    if cache.method != "taylorseer" and (cache.interval is not None or cache.warmup_steps is not None):
+        field = "cache.interval" if cache.interval is not None else "cache.warmup_steps"
+        raise InvalidArgument(field, f"applies to taylorseer only, not {cache.method}")
+    if cache.interval is not None and not 1 <= cache.interval <= 100:
+        raise InvalidArgument("cache.interval", f"{cache.interval} is outside 1..100")
+    if cache.warmup_steps is not None and not 0 <= cache.warmup_steps <= 200:
+        raise InvalidArgument("cache.warmup_steps", f"{cache.warmup_steps} is outside 0..200")
+    if cache.mag_ratios:
+        if cache.method != "magcache":
+            raise InvalidArgument("cache.mag_ratios", f"applies to magcache only, not {cache.method}")
+        if not all(math.isfinite(r) and r > 0 for r in cache.mag_ratios):
+            raise InvalidArgument("cache.mag_ratios", "every ratio must be finite and > 0")
+    if family is not None and cache.method == "magcache" and not cache.mag_ratios and family not in FAMILY_MAG_RATIOS:
+        raise InvalidArgument("cache.method", f"magcache needs this {family} model's calibrated magnitude ratios "
+                                              "(cache.mag_ratios); diffusers ships them for FLUX only")
+
+
+@dataclasses.dataclass
+class Agreement:
+    """Who must agree on a first_block decision: the ranks holding other shards of the same branch (`sequence`:
+    their metric sums add up), and the whole gang (`everyone`, None: the default group), which skips only if all
+    would."""
+
+    sequence: AxisGroup
+    everyone: dist.ProcessGroup | None = None
+
+
+def _diffusers_config(cache: StepCache, family: str, steps: int):
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    if cache.method == "first_block":
+        return FirstBlockCacheConfig(threshold=cache.threshold_or_default())
+    if cache.method == "taylorseer":
+        # float32 Taylor factors: bf16 ones (diffusers' default) would add their own rounding to the cached steps
+        return TaylorSeerCacheConfig(
+            cache_interval=cache.interval or DEFAULT_INTERVAL,
+            disable_cache_before_step=DEFAULT_WARMUP_STEPS if cache.warmup_steps is None else cache.warmup_steps,
+            taylor_factors_dtype=torch.float32, cache_identifiers=TAYLORSEER_MODULES.get(family))
+    from diffusers.hooks import mag_cache
+
+    ratios = list(cache.mag_ratios) if cache.mag_ratios else getattr(mag_cache, FAMILY_MAG_RATIOS[family])
+    return MagCacheConfig(threshold=cache.threshold_or_default(), num_inference_steps=steps,
+                          mag_ratios=torch.as_tensor(ratios, dtype=torch.float32))
+
+
+def _fbc_head_hook_class():
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    class AgreedHeadHook(FBCHeadBlockHook):
+        """diffusers' head-block hook with its decision (`_should_compute_remaining_blocks`, the only part
+        overridden) made collective across a gang, and each decision recorded (local and agreed) so the tests can
+        check that ranks whose local metrics disagree still act alike."""
+
+        agreement: Agreement | None = None
+        # (branch, this rank's metric, computed by it alone, computed); one device records no metric (nan)
+        decisions: list[tuple[str, float, bool, bool]]
+
+        @torch.compiler.disable
+        def _should_compute_remaining_blocks(self, hidden_states_residual: torch.Tensor) -> bool:
+            state = self.state_manager.get_state()
+            name = self.state_manager.context.name
+            if state.head_block_residual is None:
+                # The first step computes on every rank (there is nothing cached yet): nothing to agree on.
+                self.decisions.append((name, math.inf, True, True))
+                return True
+            if self.agreement is None:
+                # One device: diffusers' own decision, exactly.
+                computed = super()._should_compute_remaining_blocks(hidden_states_residual)
+                self.decisions.append((name, math.nan, computed, computed))
+                return computed
+            previous = state.head_block_residual
+            # mean|r - r'| / mean|r'| over the whole sequence = the ratio of the sums over all shards
+            sums = torch.stack([(hidden_states_residual - previous).abs().sum(), previous.abs().sum()]).float()
+            local = (sums[0] / sums[1]).item()
+            sequence = self.agreement.sequence
+            if sequence.size > 1:
+                dist.all_reduce(sums, group=sequence.group)
+            flag = (sums[0] / sums[1] > self.threshold).to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.agreement.everyone)
+            computed = bool(flag.item())
+            self.decisions.append((name, local, local > self.threshold, computed))
+            return computed
+
+    return AgreedHeadHook
+
+
+class StepCacheRun:
+    """One request's caching on its transformers: enabled on enter, disabled (hooks removed) on exit. Counts the
+    forwards each branch skipped."""
+
+    def __init__(self, cache: StepCache, transformers: Sequence[torch.nn.Module], family: str, steps: int,
+                 agreement: Agreement | None = None) -> None:
+        self.cache = cache
+        self.models = [unwrap(model) for model in transformers]
+        self.config = _diffusers_config(cache, family, steps)
+        self.agreement = agreement
+        self.forwards = 0
+        self.skipped = 0
+        self.head_hooks: list = []
+
+    def __enter__(self) -> StepCacheRun:
+        for model in self.models:
+            model.enable_cache(self.config)
+            setattr(model, _SESSION, self)
+            if self.cache.method == "first_block":
+                hook = _head_hook(model, "fbc_leader_block_hook")
+                hook.__class__ = _fbc_head_hook_class()     # same state and registration; agreed decision
+                hook.agreement, hook.decisions = self.agreement, []
+                self.head_hooks.append(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for model in self.models:
+            if getattr(model, _SESSION, None) is self:
+                delattr(model, _SESSION)
+            if model.is_cache_enabled:
+                model.disable_cache()
+
+    @property
+    def decisions(self) -> list[tuple[str, float, bool, bool]]:
+        """first_block: every head decision of the run, in order (all transformers)."""
+        return [d for hook in self.head_hooks for d in hook.decisions]
+
+    def computed(self, model: torch.nn.Module) -> bool:
+        """Whether the branch just run (its cache context still set) ran all its blocks."""
+        if self.cache.method == "first_block":
+            return _head_hook(model, "fbc_leader_block_hook").state_manager.get_state().should_compute
+        if self.cache.method == "magcache":
+            return _head_hook(model, "mag_cache_leader_block_hook").state_manager.get_state().should_compute
+        hook = _head_hook(model, "taylorseer_cache")
+        step = hook.state_manager.get_state().current_step       # as TaylorSeerCacheHook._measure_should_compute
+        return (step < hook.disable_cache_before_step
+                or (step - hook.disable_cache_before_step - 1) % hook.cache_interval == 0)
+
+    def summary(self) -> str:
+        return f"step cache {self.cache.describe()}: skipped {self.skipped} of {self.forwards} transformer forwards"
+
+
+def unwrap(model) -> torch.nn.Module:
+    """The diffusers model under a gang's sequence-parallel wrapper (which keeps it as `.model`)."""
+    return model if isinstance(model, torch.nn.Module) else model.model
+
+
+def _head_hook(model: torch.nn.Module, name: str):
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(name) is not None:
+            return registry.get_hook(name)
+    raise RuntimeError(f"no {name} on {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def branch(model, name: str) -> Iterator[None]:
+    """Around one CFG branch's forward: its own cache state (diffusers' `cache_context`), when caching is on."""
+    target = unwrap(model)
+    run: StepCacheRun | None = getattr(target, _SESSION, None)
+    if run is None:
+        yield
+        return
+    with target.cache_context(name):
+        yield
+        run.forwards += 1
+        run.skipped += not run.computed(target)
