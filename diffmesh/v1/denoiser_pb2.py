@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from diffmesh.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64iffmesh/v1/denoiser.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"H\n\x10ModelDescription\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.ModelLimits\"\xcd\x02\n\rDenoiseParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x12\n\nnum_frames\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x18\n\x0bnum_outputs\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x10guidance_scale_2\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x15\n\rpreview_every\x18\x0c \x01(\x05\x42\x0e\n\x0c_num_outputsB\x11\n\x0f_true_cfg_scaleB\x13\n\x11_guidance_scale_2\"r\n\x0e\x44\x65noiseRequest\x12,\n\x06params\x18\x01 \x01(\x0b\x32\x1a.diffmesh.v1.DenoiseParamsH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x42\x06\n\x04item\"V\n\rLatentPreview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\"\x9c\x01\n\x0c\x44\x65noiseEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.diffmesh.v1.ProgressH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x12-\n\x07preview\x18\x03 \x01(\x0b\x32\x1a.diffmesh.v1.LatentPreviewH\x00\x42\x06\n\x04item2\x9a\x01\n\x08\x44\x65noiser\x12\x45\n\x07\x44\x65noise\x12\x1b.diffmesh.v1.DenoiseRequest\x1a\x19.diffmesh.v1.DenoiseEvent(\x01\x30\x01\x12G\n\x08\x44\x65scribe\x12\x1c.diffmesh.v1.DescribeRequest\x1a\x1d.diffmesh.v1.ModelDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64iffmesh/v1/denoiser.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"H\n\x10ModelDescription\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.ModelLimits\"\xf6\x02\n\rDenoiseParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x12\n\nnum_frames\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x18\n\x0bnum_outputs\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x10guidance_scale_2\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x15\n\rpreview_every\x18\x0c \x01(\x05\x12\'\n\x05\x63\x61\x63he\x18\r \x01(\x0b\x32\x18.diffmesh.v1.CacheConfigB\x0e\n\x0c_num_outputsB\x11\n\x0f_true_cfg_scaleB\x13\n\x11_guidance_scale_2\"\xa7\x01\n\x0b\x43\x61\x63heConfig\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08interval\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0cwarmup_steps\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\nmag_ratios\x18\x05 \x03(\x01\x42\x0c\n\n_thresholdB\x0b\n\t_intervalB\x0f\n\r_warmup_steps\"r\n\x0e\x44\x65noiseRequest\x12,\n\x06params\x18\x01 \x01(\x0b\x32\x1a.diffmesh.v1.DenoiseParamsH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x42\x06\n\x04item\"V\n\rLatentPreview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.diffmesh.v1.Tensor\"\x9c\x01\n\x0c\x44\x65noiseEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.diffmesh.v1.ProgressH\x00\x12*\n\x06tensor\x18\x02 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x12-\n\x07preview\x18\x03 \x01(\x0b\x32\x1a.diffmesh.v1.LatentPreviewH\x00\x42\x06\n\x04item2\x9a\x01\n\x08\x44\x65noiser\x12\x45\n\x07\x44\x65noise\x12\x1b.diffmesh.v1.DenoiseRequest\x1a\x19.diffmesh.v1.DenoiseEvent(\x01\x30\x01\x12G\n\x08\x44\x65scribe\x12\x1c.diffmesh.v1.DescribeRequest\x1a\x1d.diffmesh.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELDESCRIPTION']._serialized_start=88
   _globals['_MODELDESCRIPTION']._serialized_end=160
   _globals['_DENOISEPARAMS']._serialized_start=163
-  _globals['_DENOISEPARAMS']._serialized_end=496
-  _globals['_DENOISEREQUEST']._serialized_start=498
-  _globals['_DENOISEREQUEST']._serialized_end=612
-  _globals['_LATENTPREVIEW']._serialized_start=614
-  _globals['_LATENTPREVIEW']._serialized_end=700
-  _globals['_DENOISEEVENT']._serialized_start=703
-  _globals['_DENOISEEVENT']._serialized_end=859
-  _globals['_DENOISER']._serialized_start=862
-  _globals['_DENOISER']._serialized_end=1016
+  _globals['_DENOISEPARAMS']._serialized_end=537
+  _globals['_CACHECONFIG']._serialized_start=540
+  _globals['_CACHECONFIG']._serialized_end=707
+  _globals['_DENOISEREQUEST']._serialized_start=709
+  _globals['_DENOISEREQUEST']._serialized_end=823
+  _globals['_LATENTPREVIEW']._serialized_start=825
+  _globals['_LATENTPREVIEW']._serialized_end=911
+  _globals['_DENOISEEVENT']._serialized_start=914
+  _globals['_DENOISEEVENT']._serialized_end=1070
+  _globals['_DENOISER']._serialized_start=1073
+  _globals['_DENOISER']._serialized_end=1227
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,8 @@
 from diffmesh.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -19,7 +20,7 @@ class ModelDescription(_message.Message):
     def __init__(self, id: _Optional[str] = ..., limits: _Optional[_Union[_tensor_pb2.ModelLimits, _Mapping]] = ...) -> None: ...
 
 class DenoiseParams(_message.Message):
-    __slots__ = ("request_id", "model", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "num_outputs", "true_cfg_scale", "guidance_scale_2", "preview_every")
+    __slots__ = ("request_id", "model", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "num_outputs", "true_cfg_scale", "guidance_scale_2", "preview_every", "cache")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +33,7 @@ class DenoiseParams(_message.Message):
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     width: int
@@ -44,7 +46,22 @@ class DenoiseParams(_message.Message):
     true_cfg_scale: float
     guidance_scale_2: float
     preview_every: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_outputs: _Optional[int] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    cache: CacheConfig
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_outputs: _Optional[int] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., preview_every: _Optional[int] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ...) -> None: ...
+
+class CacheConfig(_message.Message):
+    __slots__ = ("method", "threshold", "interval", "warmup_steps", "mag_ratios")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAG_RATIOS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    threshold: float
+    interval: int
+    warmup_steps: int
+    mag_ratios: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, method: _Optional[str] = ..., threshold: _Optional[float] = ..., interval: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., mag_ratios: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("params", "tensor")

@@ -24,39 +24,40 @@ _sym_db = _symbol_database.Default()
 
 from diffmesh.v1 import tensor_pb2 as diffmesh_dot_v1_dot_tensor__pb2
 from diffmesh.v1 import decoder_pb2 as diffmesh_dot_v1_dot_decoder__pb2
+from diffmesh.v1 import denoiser_pb2 as diffmesh_dot_v1_dot_denoiser__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iffmesh/v1/gateway.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\x1a\x19\x64iffmesh/v1/decoder.proto\"\xf3\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\x05width\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nnum_frames\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0e\n\x01n\x18\n \x01(\x05H\x06\x88\x01\x01\x12(\n\x06\x66ormat\x18\x0b \x01(\x0e\x32\x18.diffmesh.v1.MediaFormat\x12\x10\n\x03\x66ps\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0ereturn_latents\x18\r \x01(\x08\x12\x15\n\rreturn_frames\x18\x0e \x01(\x08\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\x1b\n\x0etrue_cfg_scale\x18\x10 \x01(\x01H\x08\x88\x01\x01\x12\x1d\n\x10guidance_scale_2\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\r\n\x05image\x18\x12 \x01(\x0c\x12\x1a\n\rpreview_every\x18\x13 \x01(\x05H\n\x88\x01\x01\x42\x08\n\x06_widthB\t\n\x07_heightB\r\n\x0b_num_framesB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x04\n\x02_nB\x06\n\x04_fpsB\x11\n\x0f_true_cfg_scaleB\x13\n\x11_guidance_scale_2B\x10\n\x0e_preview_every\"+\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"7\n\x0cJobCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01\"\x80\x01\n\x0cPreviewImage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x11\n\tmime_type\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\xa4\x02\n\rGenerateEvent\x12,\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x18.diffmesh.v1.JobAcceptedH\x00\x12)\n\x08progress\x18\x02 \x01(\x0b\x32\x15.diffmesh.v1.ProgressH\x00\x12(\n\x05media\x18\x03 \x01(\x0b\x32\x17.diffmesh.v1.MediaChunkH\x00\x12*\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x12.\n\tcompleted\x18\x05 \x01(\x0b\x32\x19.diffmesh.v1.JobCompletedH\x00\x12,\n\x07preview\x18\x06 \x01(\x0b\x32\x19.diffmesh.v1.PreviewImageH\x00\x42\x06\n\x04item\"\xde\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.diffmesh.v1.JobStatus\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x14\n\x0c\x63ompleted_at\x18\x07 \x01(\x03\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0e\n\x06height\x18\t \x01(\x05\x12\x12\n\nnum_frames\x18\n \x01(\x05\x12\x16\n\x0equeue_position\x18\x0b \x01(\x05\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12(\n\x06limits\x18\x04 \x01(\x0b\x32\x18.diffmesh.v1.ModelLimits\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.diffmesh.v1.ModelInfo*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x1a\n\x16JOB_STATUS_IN_PROGRESS\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x32\x96\x02\n\x07Gateway\x12\x46\n\x08Generate\x12\x1c.diffmesh.v1.GenerateRequest\x1a\x1a.diffmesh.v1.GenerateEvent0\x01\x12\x36\n\x06GetJob\x12\x1a.diffmesh.v1.GetJobRequest\x1a\x10.diffmesh.v1.Job\x12<\n\tCancelJob\x12\x1d.diffmesh.v1.CancelJobRequest\x1a\x10.diffmesh.v1.Job\x12M\n\nListModels\x12\x1e.diffmesh.v1.ListModelsRequest\x1a\x1f.diffmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iffmesh/v1/gateway.proto\x12\x0b\x64iffmesh.v1\x1a\x18\x64iffmesh/v1/tensor.proto\x1a\x19\x64iffmesh/v1/decoder.proto\x1a\x1a\x64iffmesh/v1/denoiser.proto\"\x9c\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\x05width\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nnum_frames\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0e\n\x01n\x18\n \x01(\x05H\x06\x88\x01\x01\x12(\n\x06\x66ormat\x18\x0b \x01(\x0e\x32\x18.diffmesh.v1.MediaFormat\x12\x10\n\x03\x66ps\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0ereturn_latents\x18\r \x01(\x08\x12\x15\n\rreturn_frames\x18\x0e \x01(\x08\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\x1b\n\x0etrue_cfg_scale\x18\x10 \x01(\x01H\x08\x88\x01\x01\x12\x1d\n\x10guidance_scale_2\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\r\n\x05image\x18\x12 \x01(\x0c\x12\x1a\n\rpreview_every\x18\x13 \x01(\x05H\n\x88\x01\x01\x12\'\n\x05\x63\x61\x63he\x18\x14 \x01(\x0b\x32\x18.diffmesh.v1.CacheConfigB\x08\n\x06_widthB\t\n\x07_heightB\r\n\x0b_num_framesB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x04\n\x02_nB\x06\n\x04_fpsB\x11\n\x0f_true_cfg_scaleB\x13\n\x11_guidance_scale_2B\x10\n\x0e_preview_every\"+\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"7\n\x0cJobCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01\"\x80\x01\n\x0cPreviewImage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x11\n\tmime_type\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\xa4\x02\n\rGenerateEvent\x12,\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x18.diffmesh.v1.JobAcceptedH\x00\x12)\n\x08progress\x18\x02 \x01(\x0b\x32\x15.diffmesh.v1.ProgressH\x00\x12(\n\x05media\x18\x03 \x01(\x0b\x32\x17.diffmesh.v1.MediaChunkH\x00\x12*\n\x06tensor\x18\x04 \x01(\x0b\x32\x18.diffmesh.v1.TensorChunkH\x00\x12.\n\tcompleted\x18\x05 \x01(\x0b\x32\x19.diffmesh.v1.JobCompletedH\x00\x12,\n\x07preview\x18\x06 \x01(\x0b\x32\x19.diffmesh.v1.PreviewImageH\x00\x42\x06\n\x04item\"\xde\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.diffmesh.v1.JobStatus\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x03\x12\x14\n\x0c\x63ompleted_at\x18\x07 \x01(\x03\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0e\n\x06height\x18\t \x01(\x05\x12\x12\n\nnum_frames\x18\n \x01(\x05\x12\x16\n\x0equeue_position\x18\x0b \x01(\x05\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12(\n\x06limits\x18\x04 \x01(\x0b\x32\x18.diffmesh.v1.ModelLimits\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.diffmesh.v1.ModelInfo*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x1a\n\x16JOB_STATUS_IN_PROGRESS\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x32\x96\x02\n\x07Gateway\x12\x46\n\x08Generate\x12\x1c.diffmesh.v1.GenerateRequest\x1a\x1a.diffmesh.v1.GenerateEvent0\x01\x12\x36\n\x06GetJob\x12\x1a.diffmesh.v1.GetJobRequest\x1a\x10.diffmesh.v1.Job\x12<\n\tCancelJob\x12\x1d.diffmesh.v1.CancelJobRequest\x1a\x10.diffmesh.v1.Job\x12M\n\nListModels\x12\x1e.diffmesh.v1.ListModelsRequest\x1a\x1f.diffmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffmesh.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATUS']._serialized_start=1729
-  _globals['_JOBSTATUS']._serialized_end=1894
-  _globals['_GENERATEREQUEST']._serialized_start=96
-  _globals['_GENERATEREQUEST']._serialized_end=723
-  _globals['_JOBACCEPTED']._serialized_start=725
-  _globals['_JOBACCEPTED']._serialized_end=768
-  _globals['_JOBCOMPLETED']._serialized_start=770
-  _globals['_JOBCOMPLETED']._serialized_end=825
-  _globals['_PREVIEWIMAGE']._serialized_start=828
-  _globals['_PREVIEWIMAGE']._serialized_end=956
-  _globals['_GENERATEEVENT']._serialized_start=959
-  _globals['_GENERATEEVENT']._serialized_end=1251
-  _globals['_JOB']._serialized_start=1254
-  _globals['_JOB']._serialized_end=1476
-  _globals['_GETJOBREQUEST']._serialized_start=1478
-  _globals['_GETJOBREQUEST']._serialized_end=1509
-  _globals['_CANCELJOBREQUEST']._serialized_start=1511
-  _globals['_CANCELJOBREQUEST']._serialized_end=1545
-  _globals['_LISTMODELSREQUEST']._serialized_start=1547
-  _globals['_LISTMODELSREQUEST']._serialized_end=1566
-  _globals['_MODELINFO']._serialized_start=1568
-  _globals['_MODELINFO']._serialized_end=1664
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1666
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1726
-  _globals['_GATEWAY']._serialized_start=1897
-  _globals['_GATEWAY']._serialized_end=2175
+  _globals['_JOBSTATUS']._serialized_start=1798
+  _globals['_JOBSTATUS']._serialized_end=1963
+  _globals['_GENERATEREQUEST']._serialized_start=124
+  _globals['_GENERATEREQUEST']._serialized_end=792
+  _globals['_JOBACCEPTED']._serialized_start=794
+  _globals['_JOBACCEPTED']._serialized_end=837
+  _globals['_JOBCOMPLETED']._serialized_start=839
+  _globals['_JOBCOMPLETED']._serialized_end=894
+  _globals['_PREVIEWIMAGE']._serialized_start=897
+  _globals['_PREVIEWIMAGE']._serialized_end=1025
+  _globals['_GENERATEEVENT']._serialized_start=1028
+  _globals['_GENERATEEVENT']._serialized_end=1320
+  _globals['_JOB']._serialized_start=1323
+  _globals['_JOB']._serialized_end=1545
+  _globals['_GETJOBREQUEST']._serialized_start=1547
+  _globals['_GETJOBREQUEST']._serialized_end=1578
+  _globals['_CANCELJOBREQUEST']._serialized_start=1580
+  _globals['_CANCELJOBREQUEST']._serialized_end=1614
+  _globals['_LISTMODELSREQUEST']._serialized_start=1616
+  _globals['_LISTMODELSREQUEST']._serialized_end=1635
+  _globals['_MODELINFO']._serialized_start=1637
+  _globals['_MODELINFO']._serialized_end=1733
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1735
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1795
+  _globals['_GATEWAY']._serialized_start=1966
+  _globals['_GATEWAY']._serialized_end=2244
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 from diffmesh.v1 import tensor_pb2 as _tensor_pb2
 from diffmesh.v1 import decoder_pb2 as _decoder_pb2
+from diffmesh.v1 import denoiser_pb2 as _denoiser_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -25,7 +26,7 @@ JOB_STATUS_FAILED: JobStatus
 JOB_STATUS_CANCELLED: JobStatus
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id", "true_cfg_scale", "guidance_scale_2", "image", "preview_every")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_frames", "num_inference_steps", "guidance_scale", "seed", "n", "format", "fps", "return_latents", "return_frames", "request_id", "true_cfg_scale", "guidance_scale_2", "image", "preview_every", "cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +46,7 @@ class GenerateRequest(_message.Message):
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -64,7 +66,8 @@ class GenerateRequest(_message.Message):
     guidance_scale_2: float
     image: bytes
     preview_every: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    cache: _denoiser_pb2.CacheConfig
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., format: _Optional[_Union[_decoder_pb2.MediaFormat, str]] = ..., fps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., return_frames: _Optional[bool] = ..., request_id: _Optional[str] = ..., true_cfg_scale: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ..., image: _Optional[bytes] = ..., preview_every: _Optional[int] = ..., cache: _Optional[_Union[_denoiser_pb2.CacheConfig, _Mapping]] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed")

@@ -2,9 +2,11 @@
 refused client should wait.
 
 A job holds one call on each stage at a time, so running at most min over the stages of what each stage admits
-(its replicas' concurrency + queue) never overfills a stage from this gateway. Within that, each replica gets
-one request waiting behind each one it runs, enough to keep it busy between requests; more would only move the
-queue from the gateway, where it is durable and has positions, into the stages' memory.
+(its replicas' concurrency + queue) never overfills a stage from this gateway. Within that, the widest stage's
+replicas each get one request waiting behind each one they run, enough to keep it busy between requests (a
+batching denoiser's concurrency is its --max-batch: that many jobs in flight, the others' encodes and decodes
+overlapping its batch); more would only move the queue from the gateway, where it is durable and has positions,
+into the stages' memory.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ def stage_slots(capacities: list[tuple[int, int] | None]) -> int:
     return max(1, total)
 
 
+def stage_admits(capacities: list[tuple[int, int] | None]) -> int:
+    """Calls one stage admits before it refuses: per replica concurrency + max_queue (1 when unknown)."""
+    return max(1, sum(1 if capacity is None else capacity[0] + capacity[1] for capacity in capacities))
+
+
+def job_slots(stages: list[list[tuple[int, int] | None]]) -> int:
+    """Jobs run at once: enough to keep the widest stage busy (a denoiser batching N requests reports concurrency
+    N, so N jobs must be in flight for it to batch, their encodes and decodes overlapping its denoising), never more
+    than the smallest stage admits. With every stage at concurrency 1 this is each stage's `stage_slots`."""
+    if not stages:
+        return 1
+    return max(1, min(max(stage_slots(c) for c in stages), min(stage_admits(c) for c in stages)))
+
+
 async def replica_capacity(channel: grpc.aio.Channel) -> tuple[int, int] | None:
     try:
         reply = await admission_pb2_grpc.AdmissionStub(channel).GetCapacity(
@@ -73,8 +89,8 @@ class Admission:
             channels = [getattr(replica, "channel", None) for replica in pool.replicas]
             found = await asyncio.gather(*(replica_capacity(c) for c in channels if c is not None))
             unknown = unknown or any(c is None for c in found) or not found
-            per_stage.append(stage_slots(list(found)))
-        slots = min(per_stage)
+            per_stage.append(list(found))
+        slots = job_slots(per_stage)
         self._slots[model] = (slots, time.monotonic() + (UNKNOWN_TTL_S if unknown else CAPACITY_TTL_S))
         if cached is None or cached[0] != slots:
             logger.info("model %s: running up to %d jobs at once (stages' capacity)", model, slots)
