@@ -121,6 +121,10 @@ def denoiser_speed_flags(args: argparse.Namespace) -> list[str]:
         flags.append(f"--compile={args.compile}")
     if args.warmup_sizes:
         flags += ["--warmup-sizes", args.warmup_sizes]
+    if getattr(args, "max_batch", None) is not None:
+        flags += ["--max-batch", str(args.max_batch)]
+    if getattr(args, "batch_wait_ms", None) is not None:
+        flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
     return flags
 
 
@@ -420,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: off)")
     up.add_argument("--warmup-sizes", default=None, metavar="WxH[xF],...",
                     help="sizes the denoiser compiles at start-up, before serving (with --compile; default: none)")
+    up.add_argument("--max-batch", type=int, default=None, metavar="N",
+                    help="the denoiser runs up to N outputs of requests that match (size, frames, steps, guidance "
+                    "branches) as one batch (default 1: each alone; one device only)")
+    up.add_argument("--batch-wait-ms", type=float, default=None, metavar="MS",
+                    help="with --max-batch, how long a request waits at most for partners (default 0)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds")
     up.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port (0 picks a free one)")
     up.add_argument("--http-port", type=int, default=8000, help="the gateway's REST port (0 picks a free one)")

@@ -98,6 +98,27 @@ def check_cache(cache: StepCache | None, family: str | None = None) -> None:
                                               "(cache.mag_ratios); diffusers ships them for FLUX only")
 
 
+def cache_from_proto(message) -> StepCache:
+    """A CacheConfig message (denoiser.proto) as the request's StepCache; unset numbers stay unset."""
+    return StepCache(
+        method=message.method,
+        threshold=message.threshold if message.HasField("threshold") else None,
+        interval=message.interval if message.HasField("interval") else None,
+        warmup_steps=message.warmup_steps if message.HasField("warmup_steps") else None,
+        mag_ratios=tuple(message.mag_ratios),
+    )
+
+
+def cache_to_proto(cache: StepCache | None):
+    """The StepCache as a CacheConfig message for the denoiser; None (caching off) stays unset."""
+    if cache is None:
+        return None
+    from diffmesh.v1 import denoiser_pb2
+
+    return denoiser_pb2.CacheConfig(method=cache.method, threshold=cache.threshold, interval=cache.interval,
+                                    warmup_steps=cache.warmup_steps, mag_ratios=list(cache.mag_ratios))
+
+
 @dataclasses.dataclass
 class Agreement:
     """Who must agree on a first_block decision: the ranks holding other shards of the same branch (`sequence`:

@@ -25,6 +25,7 @@ from services.common.server import AdmissionGate, rpc_method, run_until_stopped
 from services.common.stage import StageSpec, serve_stage, stage_parser
 from services.common.tensors import iter_chunks, receive_params_and_tensors, to_proto
 from services.denoiser.batching import BatchQueue, add_batching_arguments, batching_from_args
+from services.denoiser.cache import cache_from_proto
 from services.denoiser.compile import add_compile_arguments, compile_from_args
 from services.denoiser.engine import DenoiseParams, DenoiserEngine, PreviewCallback, StepCallback
 from services.denoiser.gang.distributed import env_rank
@@ -53,6 +54,7 @@ def params_from_proto(message: denoiser_pb2.DenoiseParams) -> DenoiseParams:
         true_cfg_scale=message.true_cfg_scale if message.HasField("true_cfg_scale") else 1.0,
         guidance_scale_2=message.guidance_scale_2 if message.HasField("guidance_scale_2") else None,
         preview_every=message.preview_every,
+        cache=cache_from_proto(message.cache) if message.HasField("cache") else None,
     )
 
 

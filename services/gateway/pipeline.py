@@ -36,6 +36,7 @@ from services.common.limits import (
     check_steps,
     check_text,
 )
+from services.denoiser.cache import StepCache, cache_to_proto, check_cache
 from services.families.limits import Limits
 from services.families.wire import limits_from_proto
 from services.gateway.stages import RESTARTED, StagePool
@@ -90,6 +91,7 @@ class GenerationRequest:
     image: bytes = dataclasses.field(default=b"", repr=False)   # encoded conditioning image (image-to-video)
     owner: str = ""     # who submitted it (an API key's id when keys are on): only they see and cancel the job
     preview_every: int = 0   # a PreviewEvent per output every this many denoising steps (before the last); 0: none
+    cache: StepCache | None = None   # step caching (services/denoiser/cache.py); None: off, today's output
 
     def validate(self, limits: Limits, max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
                  max_steps: int = MAX_STEPS) -> None:
@@ -106,6 +108,7 @@ class GenerationRequest:
             check_frames(self.num_frames, limits.frame_multiple, limits.max_frames)
         check_steps(self.num_inference_steps, max_steps)
         check_preview_every(self.preview_every, self.num_inference_steps)
+        check_cache(self.cache, limits.family)     # the fields, and what the model's family takes
         check_guidance(self.guidance_scale)
         check_guidance(self.true_cfg_scale, "true_cfg_scale")
         if self.guidance_scale_2 is not None:
@@ -317,7 +320,7 @@ class MeshPipeline:
             num_frames=request.num_frames, num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale, seed=request.seed, num_outputs=request.n,
             true_cfg_scale=request.true_cfg_scale, guidance_scale_2=request.guidance_scale_2,
-            preview_every=request.preview_every,
+            preview_every=request.preview_every, cache=cache_to_proto(request.cache),
         )
 
         def denoise_requests():

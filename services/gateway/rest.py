@@ -27,6 +27,7 @@ from services.common import tracing
 from services.common.errors import InvalidArgument, MeshError, NotFound
 from services.common.limits import check_fps, check_request_id
 from services.common.logs import request_context
+from services.denoiser.cache import StepCache
 from services.gateway import access, media_assets, rest_stream
 from services.gateway.config import parse_size
 from services.gateway.http_limits import BodyLimit
@@ -57,6 +58,20 @@ OPENAI_IMAGE_CHOICES = {
 }
 
 
+class CacheOption(BaseModel):
+    """Step caching for this request (services/denoiser/cache.py); the denoiser checks what the model takes."""
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="first_block, taylorseer or magcache (teacache is refused: not in diffusers)")
+    threshold: float | None = Field(default=None, description="first_block (0.05), magcache (0.06)")
+    interval: int | None = Field(default=None, description="taylorseer: steps between full forwards (5)")
+    warmup_steps: int | None = Field(default=None, description="taylorseer: full forwards first (3)")
+    mag_ratios: list[float] | None = Field(default=None, description="magcache: calibrated ratios (FLUX: built in)")
+
+    def step_cache(self) -> StepCache:
+        return StepCache(self.method, self.threshold, self.interval, self.warmup_steps, tuple(self.mag_ratios or ()))
+
+
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,6 +99,7 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = None
     preview_every: int | None = Field(default=None, description="with stream: a partial image every this many "
                                       "steps (default: from partial_images)")
+    cache: CacheOption | None = None      # step caching; none by default
 
 
 def check_openai_choices(body: ImageGenerationRequest) -> None:
@@ -115,6 +131,7 @@ class VideoRequest(BaseModel):
     seed: int | None = None
     preview_every: int | None = Field(default=None, description="a live preview every this many steps, the "
                                       "thumbnail variant while in progress (default 0: none)")
+    cache: CacheOption | None = None      # step caching; none by default
     # The conditioning image (image-to-video): in JSON a data URL (data:image/png;base64,...) or OpenAI's
     # {"image_url": data URL}; in a multipart form (what the OpenAI SDK sends) a file, read into bytes before this
     # model is built, or the field input_reference[image_url].
@@ -361,6 +378,7 @@ def create_app(service: GatewayService) -> FastAPI:
             negative_prompt=body.negative_prompt or "", num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale, seed=body.seed, format="png",
             request_id=header_request_id(request), owner=owner_of(request),
+            cache=body.cache.step_cache() if body.cache else None,
         )
         if body.stream or body.preview_every:       # server-sent events with partial images (rest_stream.py)
             return await rest_stream.stream_images(service, body, generation, request)
@@ -466,6 +484,7 @@ def create_app(service: GatewayService) -> FastAPI:
             guidance_scale=body.guidance_scale, guidance_scale_2=body.guidance_scale_2, seed=body.seed,
             format="mp4", fps=fps, request_id=header_request_id(request),
             image=image, owner=owner_of(request), preview_every=body.preview_every,
+            cache=body.cache.step_cache() if body.cache else None,
         )
         with request_context(generation.request_id):
             job = await service.submit(generation, prefix="video", stream=False)

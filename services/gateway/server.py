@@ -34,6 +34,7 @@ from services.common.server import (
 from services.common.stage import write_port_file
 from services.common.tensors import iter_media_chunks
 from services.common.tls import uvicorn_options
+from services.denoiser.cache import cache_from_proto
 from services.families.wire import limits_to_proto
 from services.gateway import rest
 from services.gateway.config import GatewayConfig, parse_config
@@ -107,6 +108,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             n=given("n"), format=FORMAT_NAMES[request.format], fps=given("fps"), return_latents=request.return_latents,
             return_frames=request.return_frames, request_id=request.request_id or request_id_from(context),
             image=request.image, owner=owner, preview_every=given("preview_every"),
+            cache=cache_from_proto(request.cache) if request.HasField("cache") else None,
         )
         client_deadline = context.time_remaining()
         if client_deadline is not None and client_deadline < (generation.timeout_s or float("inf")):

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from services.common.errors import NotFound, Unavailable
 from services.common.limits import check_request_id
+from services.denoiser.cache import StepCache
 from services.families.limits import Limits
 from services.gateway import media_assets
 from services.gateway.auth import Gatekeeper
@@ -122,6 +123,7 @@ class GatewayService:
         image: bytes = b"",
         owner: str = "",
         preview_every: int | None = None,
+        cache: StepCache | None = None,
     ) -> GenerationRequest:
         """The one frozen request: what the caller left out (None) takes the gateway's default, then the model's
         (from its limits), here and only here; what it gave is kept as given, so an explicit 0 fails validation
@@ -152,6 +154,7 @@ class GatewayService:
             image=image,
             owner=owner,
             preview_every=first_given(preview_every, 0),
+            cache=cache,
         )
 
     async def submit(self, request: GenerationRequest, prefix: str = "gen", stream: bool = True) -> Job:

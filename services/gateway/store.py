@@ -19,6 +19,7 @@ from typing import IO
 
 import sqlalchemy as sa
 
+from services.denoiser.cache import StepCache
 from services.gateway.pipeline import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def encode_request(request: GenerationRequest) -> tuple[str, dict[str, bytes]]:
             plain[field.name] = {"bytes": len(value)}
             if value:
                 blobs[field.name] = value
+        elif field.name == "cache" and value is not None:     # a StepCache: its fields
+            plain[field.name] = dataclasses.asdict(value)
         else:
             plain[field.name] = value
     return json.dumps(plain, allow_nan=False), blobs
@@ -113,6 +116,8 @@ def decode_request(text: str, blobs: dict[str, bytes] | None) -> GenerationReque
             if blobs is not None and len(data) != size:
                 raise StoredRequestError(f"its input {name!r} is gone ({len(data)} of {size} bytes stored)")
             values[name] = data if blobs is not None else b""
+        elif name == "cache" and value is not None:
+            values[name] = StepCache(**{**value, "mag_ratios": tuple(value.get("mag_ratios", ()))})
         else:
             values[name] = value
     try:

@@ -167,3 +167,22 @@ def test_max_batch_one_is_todays_path(wan_dir):
 def test_the_denoisers_capacity_grows_with_max_batch(wan):
     servicer = DenoiserServicer(wan, max_queue=8)
     assert servicer.batches is not None and (servicer.gate.concurrency, servicer.gate.max_queue) == (4, 8)
+
+
+def test_the_gateway_keeps_a_batching_denoiser_fed_and_never_overfills_a_stage():
+    from services.gateway.admission import job_slots
+
+    one = [(1, 16)]
+    assert job_slots([one, one, one]) == 2                    # every stage at concurrency 1: as before
+    assert job_slots([one, [(8, 16)], one]) == 16             # --max-batch 8: enough jobs for a batch of 8
+    assert job_slots([[(1, 2)], [(8, 16)], one]) == 3         # never more than the smallest stage admits
+    assert job_slots([one, [None], one]) == 1                 # a stage that cannot say counts as one
+
+
+def test_up_passes_max_batch_and_batch_wait_to_the_denoiser_alone():
+    from diffmesh import cli
+
+    args = cli.build_parser().parse_args(["up", "--model", "m", "--max-batch", "4", "--batch-wait-ms", "20"])
+    assert cli.denoiser_speed_flags(args)[-4:] == ["--max-batch", "4", "--batch-wait-ms", "20.0"]
+    plain = cli.build_parser().parse_args(["up", "--model", "m"])
+    assert "--max-batch" not in cli.denoiser_speed_flags(plain)

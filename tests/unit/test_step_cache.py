@@ -146,3 +146,44 @@ def test_a_gang_takes_one_agreed_decision_per_step_when_local_metrics_disagree(w
     assert agreed[0] == agreed[1]                          # one decision per step and branch, on both ranks
     assert local[0] != local[1]                            # ... though alone they would have differed
     assert ranks[0]["skipped"] == ranks[1]["skipped"] > 0
+
+
+# The front doors: REST's `cache` object, gRPC's CacheConfig and the stored job all carry the same StepCache, and the
+# gateway refuses a bad one naming its field before any stage works.
+def test_the_option_travels_through_rest_grpc_and_the_job_store():
+    from diffmesh.v1 import gateway_pb2
+    from services.denoiser.cache import cache_from_proto, cache_to_proto
+    from services.gateway.pipeline import GenerationRequest
+    from services.gateway.rest import ImageGenerationRequest, VideoRequest
+    from services.gateway.store import decode_request, encode_request
+
+    body = ImageGenerationRequest.model_validate({"prompt": "a cat", "cache": {"method": "first_block",
+                                                                               "threshold": 0.1}})
+    cache = body.cache.step_cache()
+    assert cache == StepCache("first_block", threshold=0.1)
+    assert VideoRequest.model_validate({"prompt": "a cat"}).cache is None                      # off by default
+    message = gateway_pb2.GenerateRequest(prompt="a cat", cache=cache_to_proto(cache))
+    assert message.HasField("cache") and cache_from_proto(message.cache) == cache
+    assert not gateway_pb2.GenerateRequest(prompt="a cat").HasField("cache")
+    request = GenerationRequest(request_id="r", model="m", prompt="a cat",
+                                cache=StepCache("magcache", threshold=0.2, mag_ratios=(1.0, 0.9)))
+    assert decode_request(*encode_request(request)) == request
+
+
+@pytest.mark.parametrize("cache, family, field", [
+    (StepCache("teacache"), "flux", "cache.method"),
+    (StepCache("first_block", threshold=0.0), "flux", "cache.threshold"),
+    (StepCache("magcache"), "wan", "cache.method"),
+])
+def test_the_gateway_refuses_a_bad_cache_naming_the_field(cache, family, field):
+    from services.families.base import Limits
+    from services.gateway.pipeline import GenerationRequest
+
+    limits = Limits(family=family, task="text-to-image", size_multiple=16, max_side=4096, frame_multiple=0,
+                    max_frames=1, default_width=64, default_height=64, default_frames=1, default_steps=8,
+                    default_guidance_scale=3.5)
+    request = GenerationRequest(request_id="r", model="m", prompt="a cat", width=64, height=64,
+                                num_inference_steps=8, cache=cache)
+    with pytest.raises(InvalidArgument) as error:
+        request.validate(limits)
+    assert error.value.field == field
