@@ -308,13 +308,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  on_accepted=lambda job_id, seed: accepted.append(job_id))
     except KeyboardInterrupt:
         bar.close()
-        return cancel_on_interrupt(client, accepted[0] if accepted else None)
+        # The cancel goes over a channel of its own, and the interrupted one is left for the exit to drop: closing
+        # a channel whose call a signal cut short can deadlock in gRPC Python (grpc/grpc#19973 and its kin; seen
+        # here as a `generate` that never exited after Ctrl-C on a loaded machine).
+        canceller = GatewayClient(args.gateway, tls_ca=args.tls_ca, api_key=args.api_key, tls=args.tls)
+        try:
+            code = cancel_on_interrupt(canceller, accepted[0] if accepted else None)
+        finally:
+            canceller.close()
+        # Nor is the interpreter's exit left to wait on the cut call's threads: everything is said and flushed.
+        sys.stderr.flush()
+        os._exit(code)
     except grpc.RpcError as error:
         bar.close()
+        client.close()
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    finally:
-        client.close()
+    client.close()
     bar.n = 100
     bar.close()
     for index, (_, data) in enumerate(result.media):

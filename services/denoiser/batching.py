@@ -221,6 +221,8 @@ def denoise_together(engine, members: list[Member]) -> None:
     for i in range(total):
         for member in active:
             if member.cancelled():
+                logger.info("request %s cancelled at step %d of %d; the batch goes on", member.params.request_id, i,
+                            total)
                 member.error = Cancelled(f"cancelled at step {i} of {total}")
         active = [member for member in active if member.error is None]
         if not active:

@@ -183,6 +183,8 @@ class DenoiserEngine:
         steps = metrics.StepTimer(self.model_name)
         for i, t in enumerate(run.timesteps):
             if cancelled():
+                # INFO, not an error: the client chose it (and the gRPC layer reports CANCELLED to nobody).
+                logger.info("cancelled at step %d of %d", i, total)
                 raise Cancelled(f"cancelled at step {i} of {total}")
             with self.attention.scope():
                 noise_pred = self.predict_noise(run.step_call(latents, t, i))

@@ -77,8 +77,8 @@ def test_gateway_killed_and_restarted_loses_no_job(tmp_path, mesh):
     marks = [time.monotonic()]
     try:
         # Finished before the kill: an image kept behind its URL, and a video.
-        image = httpx.post(f"{http}/v1/images/generations", json={**SMALL, "num_frames": 1, "response_format": "url"},
-                           timeout=60).json()
+        image_request = {"prompt": "a cat", "size": "32x32", "num_inference_steps": 1, "response_format": "url"}
+        image = httpx.post(f"{http}/v1/images/generations", json=image_request, timeout=60).json()
         image_path = httpx.URL(image["data"][0]["url"]).path
         png = httpx.get(f"{http}{image_path}", timeout=30).content
         done = post_video(http, SMALL)["id"]
