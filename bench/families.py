@@ -43,7 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from diffmesh.client import GatewayClient  # noqa: E402
-from diffmesh.v1 import decoder_pb2, gateway_pb2  # noqa: E402
+from diffmesh.v1 import decoder_pb2, denoiser_pb2, gateway_pb2  # noqa: E402
 from services.common.images import encode_png  # noqa: E402
 from tests.integration.conftest import start_mesh, stop_mesh  # noqa: E402
 
@@ -120,6 +120,10 @@ class Case:
         else:
             fields.update(negative_prompt=NEGATIVE, num_frames=a.frames, image=self.image,
                           format=decoder_pb2.MEDIA_FORMAT_MP4)
+        if a.cache:      # step caching on the mesh's side only: the pipeline runs uncached, the reference
+            method, _, threshold = a.cache.partition(":")
+            fields.update(cache=denoiser_pb2.CacheConfig(method=method, **(
+                {"threshold": float(threshold)} if threshold else {})))
         return gateway_pb2.GenerateRequest(**fields)
 
     def pipeline(self, device: torch.device):
@@ -184,6 +188,8 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cache", default="", metavar="METHOD[:THRESHOLD]",
+                        help="step caching for the mesh's requests (e.g. magcache:0.06); the pipeline stays uncached")
     parser.add_argument("--label", default="", help="added to the results file's name")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to smoke-test the script on a tiny model")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -209,6 +215,8 @@ def main() -> int:
         stage_peaks = {stage: sampler.peaks.get(pid) for stage, pid in pids.items()}
         client.close()
         stop_mesh(mesh)
+        if os.environ.get("DIFFMESH_BENCH_MESH_LOG"):       # the services' own log, to see where time went
+            pathlib.Path(os.environ["DIFFMESH_BENCH_MESH_LOG"]).write_text("".join(mesh.log))
 
     pipe = case.pipeline(device)
     latents = case.first_latents(pipe)
@@ -234,7 +242,7 @@ def main() -> int:
         "diffusers": diffusers.__version__, "grpcio": grpc.__version__, "model": pathlib.Path(args.model).name,
         "weights": "random, bfloat16, at the real model's shapes (bench/family_shapes.py: text encoders 2 layers)",
         "size": args.size, "frames": args.frames if args.family == "wan-i2v" else 1, "steps": args.steps,
-        "guidance_scale": args.guidance, "repeats": args.repeats,
+        "guidance_scale": args.guidance, "repeats": args.repeats, "mesh_step_cache": args.cache or None,
         "outputs": {"shape": list(mesh_frames.shape),
                     "max_abs_frame_diff": float(np.abs(mesh_frames - reference).max()),
                     "psnr_db": psnr(mesh_frames, reference),

@@ -43,7 +43,7 @@ def write_flux_dev(path: pathlib.Path, device: str) -> pathlib.Path:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
                             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                             layers_per_block=2, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                            use_post_quant_conv=False)
+                            use_post_quant_conv=False, sample_size=1024)   # FLUX.1-dev's: its tile size
         clip = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(clip_tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
             num_attention_heads=12, projection_dim=768, max_position_embeddings=77, hidden_act="quick_gelu",

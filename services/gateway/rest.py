@@ -256,6 +256,24 @@ def header_request_id(request: Request) -> str:
     return check_request_id(value, REQUEST_ID_HEADER) if value else getattr(request.state, "request_id", "")
 
 
+def inline_schema(model: type[BaseModel]) -> dict:
+    """The model's JSON schema with its `$defs` written in place: a schema given by hand in `openapi_extra` sits
+    outside the document's components, where a `#/$defs/...` reference would point at nothing."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
 def video_object(job: Job, retention_age_s: float | None = None) -> dict:
     """OpenAI's Video object, every field of it (null where it does not apply), and diffmesh's own three after."""
     r = job.request
@@ -460,8 +478,8 @@ def create_app(service: GatewayService) -> FastAPI:
 
     # The handler reads the body itself (JSON or a form); the schema says what either holds, for clients and fuzzers.
     @app.post("/v1/videos", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": VideoRequest.model_json_schema()},
-        "multipart/form-data": {"schema": VideoRequest.model_json_schema()}}}})
+        "application/json": {"schema": inline_schema(VideoRequest)},
+        "multipart/form-data": {"schema": inline_schema(VideoRequest)}}}})
     async def create_video(request: Request) -> dict:
         body = await video_request_from(request)
         image = image_bytes(body.input_reference)

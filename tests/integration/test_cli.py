@@ -178,6 +178,9 @@ def test_ctrl_c_in_generate_cancels_the_job_and_exits_quietly(mesh, tmp_path):
         [sys.executable, "-m", "diffmesh.cli", "generate", "--gateway", mesh.grpc_address, "--prompt", "a long one",
          "--size", "128x128", "--steps", "200", "-o", str(output)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # As a terminal's foreground job has it: a test run started in the background (`cmd &` in a script) hands
+        # its children SIGINT ignored, and Ctrl-C would never reach the command.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err = bytearray()
 

@@ -20,7 +20,7 @@ from .test_stage_failures import start_gateway
 BOUND_S = 120.0
 SMALL = {"prompt": "a cat", "size": "32x32", "num_frames": 5, "num_inference_steps": 1}
 # Slow enough that, two at a time (what the tiny mesh's stages admit), some run and some wait at the kill.
-SLOW = {"prompt": "a slow dog", "size": "32x32", "num_frames": 5, "num_inference_steps": 12}
+SLOW = {"prompt": "a slow dog", "size": "32x32", "num_frames": 5, "num_inference_steps": 40}
 
 
 def rss_bytes(pid: int) -> int:

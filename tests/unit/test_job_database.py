@@ -17,6 +17,7 @@ import typing
 import pytest
 import sqlalchemy as sa
 
+from services.denoiser.cache import StepCache
 from services.gateway.outputs import LocalOutputStore, is_job_id
 from services.gateway.pipeline import GenerationRequest
 from services.gateway.store import JobDatabase, StoredRequestError, decode_request, encode_request, inputs, jobs
@@ -97,7 +98,8 @@ def db(request, tmp_path):
 def every_field_set() -> GenerationRequest:
     """A request whose every field differs from its default, whatever fields GenerationRequest has."""
     hints = typing.get_type_hints(GenerationRequest)
-    samples = {str: "x\u00e9\U0001f98a", int: 2**62 + 7, float: 7.25, bool: True, bytes: bytes(range(256)) * 3}
+    samples = {str: "x\u00e9\U0001f98a", int: 2**62 + 7, float: 7.25, bool: True, bytes: bytes(range(256)) * 3,
+               StepCache: StepCache("magcache", threshold=0.125, interval=4, warmup_steps=2, mag_ratios=(1.0, 0.5))}
     values = {}
     for field in dataclasses.fields(GenerationRequest):
         kind = hints[field.name]
