@@ -19,10 +19,16 @@ from PIL import Image
 DEFAULT_FPS = 16  # Wan2.1's native frame rate
 
 
+# zlib level 1 rather than Pillow's 6: on a smooth 1024x1024 image 77 ms against 383 ms for 18 % more bytes (noise
+# compresses no better at any level), so the file no longer costs more than the VAE decode that made it (86 ms for
+# FLUX.1's at 1024x1024 on an H200). The pixels are the same: PNG is lossless at every level.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_png(frame: np.ndarray) -> bytes:
     """One uint8 frame [H, W, 3] -> PNG bytes."""
     buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, format="PNG")
+    Image.fromarray(frame).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 

@@ -25,7 +25,12 @@ def test_server_reports_serving_and_lists_its_service_by_reflection(mesh, server
     channel = grpc.insecure_channel(address_of(mesh, server))
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", SERVICES[server]):
-        reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        # The gateway's status mirrors its stages' every 0.25 s (services/gateway/health.py): right after `up` it may
+        # still read NOT_SERVING for that long.
+        deadline = time.monotonic() + 5
+        while (reply := health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)).status != \
+                health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
