@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import logging
 import os
-import signal
 from collections.abc import Callable
 
 import torch
@@ -31,19 +30,15 @@ import torch
 from services.common import logs, metrics
 from services.common.errors import Unavailable
 from services.common.images import decode_image
-from services.common.logs import request_context
 from services.common.server import StartupError
 from services.common.stage import StageSpec, setup_stage
 from services.decoder.engine import ConditionParams, Decoded, DecodeParams, DecoderEngine
 from services.decoder.parallel_vae import RowParallelVae, RowSplit, gather_rows, row_sizes, slab
 from services.decoder.tiling import tiling_from_args
-from services.denoiser.gang.distributed import Ranks
-from services.denoiser.gang.worker import follow, lead
+from services.denoiser.gang.distributed import STOP, LeaderAndFollowers, Ranks  # noqa: F401  (STOP: re-exported)
+from services.denoiser.gang.worker import follow, lead, leave_stopping_to_the_leader
 
 logger = logging.getLogger(__name__)
-
-STOP = "stop"
-
 
 @dataclasses.dataclass(frozen=True)
 class DecodeMessage:
@@ -75,7 +70,7 @@ def check_row_split(engine: DecoderEngine) -> None:
                          "devices; serve the decoder with --devices 1")
 
 
-class DecoderGangExecutor:
+class DecoderGangExecutor(LeaderAndFollowers):
     """Serves like a DecoderEngine on the leader (what the servicer calls); `follow()` on every other rank."""
 
     def __init__(self, engine: DecoderEngine, gang: Ranks, on_broken: Callable[[], None] = lambda: None) -> None:
@@ -104,44 +99,33 @@ class DecoderGangExecutor:
         """Checked here first, so that a bad request fails on the leader alone and the gang stays in step; the
         files are encoded on the leader alone, after the gang is done with the request."""
         self.engine.check(params, latents)
-        self._hand_over(DecodeMessage(params, tuple(latents.shape), latents.dtype))
-        frames = self._run(lambda: self._decode(latents.to(self.gang.device).contiguous()))
+        frames = self._lead(DecodeMessage(params, tuple(latents.shape), latents.dtype),
+                            lambda: self._decode(latents.to(self.gang.device).contiguous()))
         return self.engine.finish(params, frames)
 
     def encode_condition(self, params: ConditionParams) -> dict[str, torch.Tensor]:
         self.engine.check_condition(params)
         decode_image(params.image)          # a file that is no image fails here, not on every rank
-        self._hand_over(EncodeMessage(params))
-        return self._run(lambda: self._encode(params))
+        return self._lead(EncodeMessage(params), lambda: self._encode(params))
 
-    def _hand_over(self, message: DecodeMessage | EncodeMessage) -> None:
+    def _lead(self, message: DecodeMessage | EncodeMessage, work: Callable[[], object]):
         try:
-            self.gang.broadcast_message(message)
-        except Exception as error:
-            # A rank that died or hung while the gang was idle is noticed here, when the request cannot reach it.
-            logger.error("cannot hand the request to the gang: %s", error)
+            self._hand_over(message)
+            return self._run(work)
+        except GangBroken:
             self.on_broken()
-            raise GangBroken("a rank of the gang is gone") from None
+            raise
 
-    def release(self) -> None:
-        """Tell the other ranks to exit (the leader is shutting down)."""
-        self.gang.broadcast_message(STOP)
+    def broken(self, reason: str) -> GangBroken:
+        return GangBroken(reason)
 
-    # Every other rank: follow -------------------------------------------------------------------------------
+    # Every other rank: follow (LeaderAndFollowers.follow) -----------------------------------------------------
 
-    def follow(self) -> None:
-        """Run the leader's requests until it says stop; GangBroken (or the leader's loss) ends it with an error."""
-        while True:
-            message = self.gang.broadcast_message()
-            if message == STOP:
-                logger.info("decoder gang rank %d stopping", self.gang.rank)
-                return
-            with request_context(message.params.request_id):
-                if isinstance(message, DecodeMessage):
-                    self._run(lambda: self._decode(torch.empty(message.shape, dtype=message.dtype,
-                                                               device=self.gang.device)))
-                else:
-                    self._run(lambda: self._encode(message.params))
+    def _follow(self, message: DecodeMessage | EncodeMessage) -> None:
+        if isinstance(message, DecodeMessage):
+            self._run(lambda: self._decode(torch.empty(message.shape, dtype=message.dtype, device=self.gang.device)))
+        else:
+            self._run(lambda: self._encode(message.params))
 
     # Every rank, in step ------------------------------------------------------------------------------------
 
@@ -152,8 +136,6 @@ class DecoderGangExecutor:
         except BaseException:
             # A rank that failed mid-request leaves the others inside a collective: the gang cannot go on.
             logger.exception("decoder gang rank %d failed during a request; the gang must restart", self.gang.rank)
-            if self.gang.is_leader:
-                self.on_broken()
             raise GangBroken(f"the gang failed during the request (seen by rank {self.gang.rank})") from None
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor | None:
@@ -178,10 +160,7 @@ async def serve_decoder_rank(spec: StageSpec, args: argparse.Namespace, rank: in
     """Run this rank until the gang stops; `spec` is the stage the leader serves over gRPC."""
     platform, model, dtype = setup_stage(spec.name, args)
     logs.configure(spec.name, rank)
-    if rank != 0:
-        # The leader decides when the gang stops (after draining); see the denoiser's worker.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    leave_stopping_to_the_leader(rank)
     try:
         gang = await asyncio.to_thread(Ranks, platform, rank, local_rank, world_size,
                                        datetime.timedelta(seconds=args.gang_timeout))

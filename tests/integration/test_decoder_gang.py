@@ -9,13 +9,6 @@ causal convolutions' caches cross the seam too. Checked: the frames (float32 in 
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-import threading
-import time
-
 import grpc
 import pytest
 import torch
@@ -23,39 +16,12 @@ import torch
 from diffmesh.v1 import decoder_pb2, decoder_pb2_grpc
 from services.common.tensors import TensorAssembler, iter_chunks
 
-START_TIMEOUT_S = 180
+from .test_gang import DenoiserProcess
+
 TOLERANCE = 1e-5
 # [n, z, T, H, W]: 9 latent rows (5 + 4 over two ranks), 6 columns; 3 latent frames -> 9 frames, and one.
 LATENTS = {"video": (1, 16, 3, 9, 6), "image": (1, 16, 1, 9, 6)}
 MIME = {"video": "video/mp4", "image": "image/png"}
-
-
-class DecoderGangProcess:
-    """`diffmesh serve decoder --devices N` in its own process (its launcher and N ranks), on a free port."""
-
-    def __init__(self, model_dir: pathlib.Path, tmp: pathlib.Path, devices: int) -> None:
-        port_file = tmp / f"port-{time.monotonic_ns()}"
-        argv = [sys.executable, "-m", "diffmesh.cli", "serve", "decoder", "--model", str(model_dir), "--device",
-                "cpu", "--devices", str(devices), "--port", "0", "--port-file", str(port_file)]
-        self.log: list[str] = []
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise RuntimeError("decoder gang did not start:\n" + "".join(self.log[-40:]))
-            time.sleep(0.1)
-        self.address = f"127.0.0.1:{port_file.read_text().split()[0]}"     # "GRPC_PORT METRICS_PORT"
-
-    def stop(self) -> int:
-        self.process.terminate()
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
 
 
 def decode(address: str, model: str, latents: torch.Tensor) -> tuple[torch.Tensor, list[str], bytes]:
@@ -82,7 +48,7 @@ def decode(address: str, model: str, latents: torch.Tensor) -> tuple[torch.Tenso
 
 @pytest.fixture(scope="module")
 def gang(model_dir, tmp_path_factory):
-    process = DecoderGangProcess(model_dir, tmp_path_factory.mktemp("decoder-gang"), devices=2)
+    process = DenoiserProcess(model_dir, tmp_path_factory.mktemp("decoder-gang"), ["--devices", "2"], stage="decoder")
     yield process
     assert process.stop() == 0, "".join(process.log[-30:])
 

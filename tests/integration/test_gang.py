@@ -50,12 +50,12 @@ LAYOUTS = {
 
 
 class DenoiserProcess:
-    """`diffmesh serve denoiser ...` in its own process, on a free port."""
+    """`diffmesh serve denoiser ...` (or another `stage`) in its own process, on a free port."""
 
     def __init__(self, model_dir: pathlib.Path, tmp: pathlib.Path, extra: list[str], env: dict | None = None,
-                 serves_port: bool = True) -> None:
+                 serves_port: bool = True, stage: str = "denoiser") -> None:
         port_file = tmp / f"port-{time.monotonic_ns()}"
-        argv = [sys.executable, "-m", "diffmesh.cli", "serve", "denoiser", "--model", str(model_dir),
+        argv = [sys.executable, "-m", "diffmesh.cli", "serve", stage, "--model", str(model_dir),
                 "--device", "cpu", "--port", "0", "--port-file", str(port_file), *extra]
         self.log: list[str] = []
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -67,7 +67,7 @@ class DenoiserProcess:
         while not port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
-                raise RuntimeError("denoiser did not start:\n" + "".join(self.log[-40:]))
+                raise RuntimeError(f"{stage} did not start:\n" + "".join(self.log[-40:]))
             time.sleep(0.1)
         self.address = f"127.0.0.1:{port_file.read_text().split()[0]}"     # "GRPC_PORT METRICS_PORT"
         self.stub = denoiser_pb2_grpc.DenoiserStub(grpc.insecure_channel(self.address))

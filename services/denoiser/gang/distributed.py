@@ -16,6 +16,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from services.common.logs import request_context
 from services.common.platform import Platform
 from services.denoiser.axes import AxisGroup
 from services.denoiser.gang.layout import Coordinates, GangLayout
@@ -76,6 +77,46 @@ def rendezvous_store(rank: int, world_size: int,
         return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout), None
     store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=listener.fileno())
     return store, listener
+
+
+STOP = "stop"       # the leader's last control message: the other ranks exit
+
+
+class LeaderAndFollowers:
+    """The control protocol every gang's executor shares (the denoiser's, the decoder's): the leader hands each
+    request to the other ranks over the control group and releases them when it stops; the others follow until
+    released. A subclass says how a follower runs one request (`_follow`) and what its broken gang is (`broken`)."""
+
+    gang: Ranks
+
+    def broken(self, reason: str) -> Exception:
+        raise NotImplementedError
+
+    def _follow(self, message) -> None:
+        raise NotImplementedError
+
+    def _hand_over(self, message) -> None:
+        try:
+            self.gang.broadcast_message(message)
+        except Exception as error:
+            # A rank that died or hung while the gang was idle is noticed here, when the request cannot reach it.
+            logger.error("cannot hand the request to the gang: %s", error)
+            raise self.broken("a rank of the gang is gone") from None
+
+    def release(self) -> None:
+        """Tell the other ranks to exit (the leader is shutting down)."""
+        self.gang.broadcast_message(STOP)
+
+    def follow(self) -> None:
+        """Run the leader's requests until it says stop; a broken gang (or the leader's loss) ends it with an
+        error."""
+        while True:
+            message = self.gang.broadcast_message()
+            if message == STOP:
+                logger.info("gang rank %d stopping", self.gang.rank)
+                return
+            with request_context(message.params.request_id):
+                self._follow(message)
 
 
 class Ranks:

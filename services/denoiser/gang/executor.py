@@ -17,9 +17,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from services.common.errors import Cancelled, Unavailable
-from services.common.logs import request_context
 from services.denoiser.engine import DenoiseParams, DenoiserEngine, PreviewCallback, StepCallback
-from services.denoiser.gang.distributed import Gang
+from services.denoiser.gang.distributed import STOP, Gang, LeaderAndFollowers  # noqa: F401  (STOP: re-exported)
 from services.families.base import Limits
 
 logger = logging.getLogger(__name__)
@@ -33,9 +32,6 @@ class DenoiseMessage:
     tensors: dict[str, torch.Tensor]
 
 
-STOP = "stop"
-
-
 class GangBroken(Unavailable):
     """A rank failed or is gone; the gang's ranks are no longer in step and the process must exit. The client
     sees UNAVAILABLE naming the stage: a retry succeeds once the gang has restarted."""
@@ -44,7 +40,7 @@ class GangBroken(Unavailable):
         super().__init__("denoiser", f"{reason}; the gang is restarting")
 
 
-class GangExecutor:
+class GangExecutor(LeaderAndFollowers):
     """Serves like an engine on the leader (what the servicer calls); `follow()` on every other rank.
 
     `on_broken` is called on the leader, from the request's thread, just before GangBroken is raised: the error
@@ -94,32 +90,16 @@ class GangExecutor:
             self.on_broken()
             raise
 
-    def _hand_over(self, message: DenoiseMessage) -> None:
+    def broken(self, reason: str) -> GangBroken:
+        return GangBroken(reason)
+
+    # Every other rank: follow (LeaderAndFollowers.follow) -----------------------------------------------------
+
+    def _follow(self, message: DenoiseMessage) -> None:
         try:
-            self.gang.broadcast_message(message)
-        except Exception as error:
-            # A rank that died or hung while the gang was idle is noticed here, when the request cannot reach it.
-            logger.error("cannot hand the request to the gang: %s", error)
-            raise GangBroken("a rank of the gang is gone") from None
-
-    def release(self) -> None:
-        """Tell the other ranks to exit (the leader is shutting down)."""
-        self.gang.broadcast_message(STOP)
-
-    # Every other rank: follow -------------------------------------------------------------------------------
-
-    def follow(self) -> None:
-        """Run the leader's requests until it says stop; GangBroken (or the leader's loss) ends it with an error."""
-        while True:
-            message = self.gang.broadcast_message()
-            if message == STOP:
-                logger.info("gang rank %d stopping", self.gang.rank)
-                return
-            with request_context(message.params.request_id):
-                try:
-                    self._run(message.params, message.tensors, None, lambda: self.gang.any_rank(False))
-                except Cancelled:
-                    pass
+            self._run(message.params, message.tensors, None, lambda: self.gang.any_rank(False))
+        except Cancelled:
+            pass
 
     def _run(self, params: DenoiseParams, tensors: Mapping[str, torch.Tensor], on_step: StepCallback | None,
              cancelled: Callable[[], bool], on_preview: PreviewCallback | None = None) -> torch.Tensor:

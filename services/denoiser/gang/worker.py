@@ -32,16 +32,21 @@ logger = logging.getLogger(__name__)
 BROKEN_EXIT_DELAY_S = 1.0
 
 
+def leave_stopping_to_the_leader(rank: int) -> None:
+    """A follower ignores SIGINT and SIGTERM: the leader decides when the gang stops (after draining). A Ctrl-C in
+    the terminal reaches every rank at once, and a follower leaving first would strand the leader inside a
+    collective."""
+    if rank != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 async def serve_gang_rank(spec: StageSpec, args: argparse.Namespace, rank: int, world_size: int,
                           local_rank: int) -> None:
     """Run this rank until the gang stops; `spec` is the stage the leader serves over gRPC."""
     platform, model, dtype = setup_stage(spec.name, args)
     logs.configure(spec.name, rank)
-    if rank != 0:
-        # The leader decides when the gang stops (after draining); a Ctrl-C in the terminal reaches every
-        # rank at once, and a worker leaving first would strand the leader inside a collective.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    leave_stopping_to_the_leader(rank)
     try:
         layout = resolve_layout(args, world_size)
         gang = await asyncio.to_thread(Gang, layout, platform, rank, local_rank,
