@@ -1,7 +1,9 @@
 """VAE decoding: latents -> frames in 0..1 -> PNG / MP4.
 
 The model's family de-normalises, decodes and post-processes exactly as its pipeline does after its loop, so
-the frames equal the pipeline's `output_type="np"`; this engine checks, and encodes the files.
+the frames equal the pipeline's `output_type="np"`; this engine checks, and encodes the files. Two parts, which the
+server runs apart: `decode_pixels` needs the VAE (latents -> frames on the device -> uint8 pixels on the host),
+`encode_files` only the CPU (pixels -> PNG / MP4), so the VAE can take the next request meanwhile.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ class ConditionParams:
 class MediaItem:
     mime_type: str
     data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFrames:
+    """A request's decoded frames on the host, what its files are made from: the device is done with them."""
+
+    format: str                   # png | mp4 | none ("auto" resolved)
+    pixels: np.ndarray | None     # uint8 [n, F, H, W, 3] for the files; None for "none"
+    frames: np.ndarray | None     # float32 [n, F, H, W, 3] in 0..1, when asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +113,19 @@ class DecoderEngine:
                 metrics.phase("condition_encode", self.model_name):
             return self.decoding.encode_condition(image, params.width, params.height, params.num_frames)
 
-    @torch.inference_mode()
     def decode(self, params: DecodeParams, latents: torch.Tensor) -> Decoded:
+        """Latents -> files in one call: the VAE's part, then the CPU's."""
+        return self.encode_files(params, self.decode_pixels(params, latents))
+
+    @torch.inference_mode()
+    def decode_pixels(self, params: DecodeParams, latents: torch.Tensor) -> HostFrames:
+        """The part that needs the VAE: latents -> what the files are made from, on the host."""
         # 1. Check inputs
         self.check(params, latents)
         # 2. The family's decode: de-normalise, VAE decode, post-process as its pipeline does (on the device)
         frames = self.decode_frames(latents)                                         # [n, F, H, W, 3]
-        # 3. Encode files
-        return self.finish(params, frames)
+        # 3. To the host
+        return self.to_host(params, frames)
 
     def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
         """Checked latents -> frames float32 [n, F, H, W, 3] in 0..1 on the device, tiled as the policy says."""
@@ -117,20 +133,25 @@ class DecoderEngine:
         with self.tiling.applied(self.decoding.vae, frame_pixels), metrics.phase("decode", self.model_name):
             return self.decoding.decode(latents)
 
-    def finish(self, params: DecodeParams, frames: torch.Tensor) -> Decoded:
-        """Frames -> the files asked for (and the frames themselves when asked). Pixels round as diffusers'
-        numpy_to_pil does; only uint8 pixels, and float frames when asked, cross to the CPU."""
+    def to_host(self, params: DecodeParams, frames: torch.Tensor) -> HostFrames:
+        """Frames on the device -> uint8 pixels for the files (rounded as diffusers' numpy_to_pil does, on the device,
+        so a quarter of the bytes cross) and the float frames when asked, on the host."""
         fmt = params.format
         if fmt == "auto":
             fmt = "png" if frames.shape[1] == 1 else "mp4"
+        pixels = (frames * 255).round().to(torch.uint8).cpu().numpy() if fmt != "none" else None
+        frames_out = frames.cpu().numpy() if params.return_frames else None
+        return HostFrames(format=fmt, pixels=pixels, frames=frames_out)
+
+    def encode_files(self, params: DecodeParams, frames: HostFrames) -> Decoded:
+        """Host frames -> the files asked for (and the float frames when asked). CPU only: the server runs it on its
+        file encoders' threads (services/decoder/encoders.py) while the VAE decodes the next request."""
         items: list[MediaItem] = []
-        if fmt != "none":
-            with metrics.phase("media_encode", self.model_name, format=fmt):
-                pixels = (frames * 255).round().to(torch.uint8).cpu().numpy()
-                for clip in pixels:
-                    if fmt == "png":
+        if frames.pixels is not None:
+            with metrics.phase("media_encode", self.model_name, format=frames.format):
+                for clip in frames.pixels:
+                    if frames.format == "png":
                         items.append(MediaItem("image/png", media.encode_png(clip[0])))
                     else:
                         items.append(MediaItem("video/mp4", media.encode_mp4(clip, params.fps)))
-        frames_out = frames.cpu().numpy() if params.return_frames else None
-        return Decoded(media=items, frames=frames_out)
+        return Decoded(media=items, frames=frames.frames)

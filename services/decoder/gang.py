@@ -6,8 +6,9 @@ worker's `lead` / `follow` run the leader's gRPC server and the followers' loop.
 
 - the executor: the leader checks a request, broadcasts its parameters over the control group and its latents over
   the device group; every rank decodes its slab of rows (services/decoder/parallel_vae.py); the slabs are gathered
-  on the leader, which alone encodes the PNG / MP4. An I2V conditioning image goes to every rank whole; the VAE's
-  encoder splits its rows inside and every rank ends with the whole latents, the leader replying;
+  on the leader, which alone encodes the PNG / MP4, on its file encoders' threads while the gang decodes the next
+  request. An I2V conditioning image goes to every rank whole; the VAE's encoder splits its rows inside and every
+  rank ends with the whole latents, the leader replying;
 - the rank's life: device -> process groups -> load the VAE -> READY -> serve (the leader) or follow.
 
 Latents fewer rows high than the gang has ranks (tiny images) are decoded by the leader alone. A rank that fails
@@ -32,7 +33,7 @@ from services.common.errors import Unavailable
 from services.common.images import decode_image
 from services.common.server import StartupError
 from services.common.stage import StageSpec, setup_stage
-from services.decoder.engine import ConditionParams, Decoded, DecodeParams, DecoderEngine
+from services.decoder.engine import ConditionParams, Decoded, DecodeParams, DecoderEngine, HostFrames
 from services.decoder.parallel_vae import RowParallelVae, RowSplit, gather_rows, row_sizes, slab
 from services.decoder.tiling import tiling_from_args
 from services.denoiser.gang.distributed import STOP, LeaderAndFollowers, Ranks  # noqa: F401  (STOP: re-exported)
@@ -96,12 +97,20 @@ class DecoderGangExecutor(LeaderAndFollowers):
     # The leader: check -> hand over -> run ------------------------------------------------------------------
 
     def decode(self, params: DecodeParams, latents: torch.Tensor) -> Decoded:
-        """Checked here first, so that a bad request fails on the leader alone and the gang stays in step; the
-        files are encoded on the leader alone, after the gang is done with the request."""
+        return self.encode_files(params, self.decode_pixels(params, latents))
+
+    def decode_pixels(self, params: DecodeParams, latents: torch.Tensor) -> HostFrames:
+        """Checked here first, so that a bad request fails on the leader alone and the gang stays in step. The
+        gang's part ends with the whole frames on the leader's host: the servicer gives the gang the next request
+        while the leader's file encoders encode this one's."""
         self.engine.check(params, latents)
         frames = self._lead(DecodeMessage(params, tuple(latents.shape), latents.dtype),
                             lambda: self._decode(latents.to(self.gang.device).contiguous()))
-        return self.engine.finish(params, frames)
+        return self.engine.to_host(params, frames)
+
+    def encode_files(self, params: DecodeParams, frames: HostFrames) -> Decoded:
+        """On the leader alone, off the gang: no rank takes part, and a failure here leaves the gang in step."""
+        return self.engine.encode_files(params, frames)
 
     def encode_condition(self, params: ConditionParams) -> dict[str, torch.Tensor]:
         self.engine.check_condition(params)

@@ -4,6 +4,9 @@ PNG through Pillow; MP4 through PyAV, which links FFmpeg's libraries in-process.
 pipe (imageio-ffmpeg) was tried first and failed intermittently with a broken pipe when forked from the
 threaded gRPC server; in-process encoding has no child to lose. yuv420p + faststart make the file play in
 browsers and stream from the start.
+
+CPU work only, on uint8 frames already on the host: the decoder runs it on its file encoders' threads
+(services/decoder/encoders.py), after the VAE is free for the next request. Pillow and FFmpeg release the GIL.
 """
 
 from __future__ import annotations
@@ -44,11 +47,36 @@ def encode_mp4(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             # crf 18 is visually lossless; veryfast keeps encoding well under the VAE's own time.
             stream.options = {"crf": "18", "preset": "veryfast"}
-            stream.thread_type = "AUTO"
+            # Frame threads, as many as x264 picks (1.5 per core: "threads=3" in the file's x264 SEI on 2 cores).
+            # 81x480x832 on 2 cores: 358 ms (smooth frames) and 1.18 s (noise) against 583 ms and 2.2 s with one
+            # thread; 2, 3 or 4 threads do no better than x264's own pick.
+            stream.thread_type, stream.thread_count = "AUTO", 0
             for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+                container.mux(stream.encode(yuv420p_frame(frame)))
             container.mux(stream.encode())  # flush the encoder's delayed frames
         with open(path, "rb") as f:
             return f.read()
     finally:
         os.unlink(path)
+
+
+# Rows padded to 64 bytes, as FFmpeg's own frames are and x264 expects: its AVX-512 code reads rows 64 bytes at a time.
+# PyAV packs a frame's rows tightly, so at widths whose half is no multiple of 64 (Wan's 832: 416-byte chroma rows)
+# x264 reads past the end of the frame's buffer, and on an AVX-512 host (AMD EPYC) the same 17 frames at 480x832 gave
+# 14 different files in 16 encodes; padded, 16 of 16 were the same, at the same size and speed. Some run-to-run
+# difference remains with AVX-512 (4 files in 30 encodes of 9 such frames, even on one thread; none with x264 held
+# to AVX2): the files differ in x264's choices, not in quality. The conversion is swscale's, the one PyAV's
+# encode() makes of RGB frames.
+ROW_ALIGN = 64
+
+
+def yuv420p_frame(rgb: np.ndarray) -> av.VideoFrame:
+    """One uint8 frame [H, W, 3] (H, W even) as a yuv420p VideoFrame whose rows are padded to ROW_ALIGN bytes."""
+    height, width, _ = rgb.shape
+    tight = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+    planes = tight.to_ndarray()                          # [H * 3/2, W]: Y, then U and V at W/2 per row
+    stride = -(-width // (2 * ROW_ALIGN)) * 2 * ROW_ALIGN
+    padded = np.zeros((height * 3 // 2, stride), dtype=np.uint8)
+    padded[:height, :width] = planes[:height]
+    padded[height:].reshape(height, stride // 2)[:, :width // 2] = planes[height:].reshape(height, width // 2)
+    return av.VideoFrame.from_numpy_buffer(padded, format="yuv420p", width=width)

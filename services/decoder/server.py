@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -24,6 +25,7 @@ from services.common.server import AdmissionGate, rpc_method, run_until_stopped
 from services.common.stage import StageSpec, serve_stage, stage_parser
 from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
 from services.decoder import media
+from services.decoder.encoders import FileEncoders
 from services.decoder.engine import ConditionParams, DecodeParams, DecoderEngine
 from services.decoder.tiling import add_tiling_arguments, tiling_from_args
 from services.denoiser.gang.distributed import DEFAULT_COLLECTIVE_TIMEOUT, env_rank
@@ -54,7 +56,8 @@ def params_from_proto(message: decoder_pb2.DecodeParams) -> DecodeParams:
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     def __init__(self, engine: DecoderEngine, max_queue: int = 16) -> None:
         self.engine = engine
-        self.gate = AdmissionGate("decoder", concurrency=1, max_queue=max_queue)
+        self.gate = AdmissionGate("decoder", concurrency=1, max_queue=max_queue)    # the VAE: one call at a time
+        self.encoders = FileEncoders()
 
     @rpc_method
     async def Decode(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -64,8 +67,15 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         if "latents" not in tensors:
             raise InvalidArgument("latents", "missing from the stream")
         self.engine.check(params, tensors["latents"])
-        async with self.gate:
-            decoded = await asyncio.to_thread(self.engine.decode, params, tensors["latents"])
+        # The gate is held for the VAE's part only; the files are encoded after it, on the encoders' threads, while
+        # the next request decodes. The place among the encoders is taken inside the gate and before the decode,
+        # and kept until the files are done: while the encoders are full the VAE waits, so decoded pixels never
+        # pile up (services/decoder/encoders.py).
+        async with contextlib.AsyncExitStack() as held:
+            async with self.gate:
+                place = await held.enter_async_context(self.encoders.place())
+                frames = await asyncio.to_thread(self.engine.decode_pixels, params, tensors["latents"])
+            decoded = await place.run(self.engine.encode_files, params, frames)
         for index, item in enumerate(decoded.media):
             for chunk in iter_media_chunks(index, item.mime_type, item.data):
                 yield decoder_pb2.DecodeResponse(media=chunk)

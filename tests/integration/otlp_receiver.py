@@ -19,6 +19,8 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     name: str
+    start_ns: int = 0           # the span's start and end, nanoseconds since the epoch (the exporter's clock)
+    end_ns: int = 0
 
 
 class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -48,7 +50,8 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     received.append(ReceivedSpan(service, span.trace_id.hex(), span.span_id.hex(),
-                                                 span.parent_span_id.hex(), span.name))
+                                                 span.parent_span_id.hex(), span.name, span.start_time_unix_nano,
+                                                 span.end_time_unix_nano))
         with self._lock:
             self._spans.extend(received)
         return trace_service_pb2.ExportTraceServiceResponse()
