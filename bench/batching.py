@@ -13,7 +13,11 @@ and relative L2 are reported (on CPU they are 0, tests/unit/test_batching.py; on
 shape, so a batch is within rounding of solo, not bit-equal). Writes bench/results/batching-<device>-<date>.json
 with device, versions and date.
 
-    python3 bench/batching.py --device cuda
+With `--compile[=MODE]` the engine compiles its blocks as `--compile` does (inductor; $DIFFMESH_COMPILE_BACKEND
+overrides it, e.g. eager on CPU); the warm-up compiles both batch sizes before timing, and the result file's name
+ends in -compiled.
+
+    python3 bench/batching.py --device cuda [--compile]
     python3 bench/batching.py --device cpu --tiny      # a check that it runs: the tiny test models, few steps
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import platform as host_platform
 import sys
@@ -37,6 +42,7 @@ import torch  # noqa: E402
 from services.common.models import resolve_model_dir  # noqa: E402
 from services.common.platform import PLATFORMS  # noqa: E402
 from services.denoiser.batching import BatchOptions, Member, denoise_together  # noqa: E402
+from services.denoiser.compile import COMPILE_BACKEND_ENV, CompileOptions  # noqa: E402
 from services.denoiser.engine import DenoiserEngine  # noqa: E402
 from services.families.base import Sampling  # noqa: E402
 
@@ -91,6 +97,8 @@ def main() -> int:
     parser.add_argument("--wan-videos", type=int, default=2)
     parser.add_argument("--wan-steps", type=int, default=10)
     parser.add_argument("--models", default=None, help="where to write the model directories (default: a temp dir)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="compile the blocks, as the denoiser's --compile (default: off)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     platform = PLATFORMS[args.device]
@@ -108,8 +116,12 @@ def main() -> int:
         flux_dir = work / "flux-dev" if (work / "flux-dev").exists() else write_flux_dev(work / "flux-dev", args.device)
         wan_dir = work / "wan-1.3b" if (work / "wan-1.3b").exists() else write_wan(work / "wan-1.3b", args.device)
         flux_size, wan_size, length = (512, 512, 1), (832, 480, 81), 512
+    compile = None if args.compile is None else CompileOptions(
+        mode=None if args.compile == "default" else args.compile,
+        backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
     report: dict = {"benchmark": "batching", "device": platform.describe() if hasattr(platform, "describe") else
                     args.device, "tiny": args.tiny, "date": datetime.date.today().isoformat(),
+                    "compile": None if compile is None else {"mode": compile.mode, "backend": compile.backend},
                     "versions": {"torch": torch.__version__, "python": host_platform.python_version()}}
     if args.device == "cuda":
         report["device"] = torch.cuda.get_device_name()
@@ -120,7 +132,8 @@ def main() -> int:
     for name, model_dir, size, count, steps, guidance in (
             ("flux", flux_dir, flux_size, args.flux_requests, args.flux_steps, 3.5),
             ("wan", wan_dir, wan_size, args.wan_videos, args.wan_steps, 5.0)):
-        engine = DenoiserEngine(resolve_model_dir(model_dir), platform, batching=BatchOptions(max_batch=count))
+        engine = DenoiserEngine(resolve_model_dir(model_dir), platform, batching=BatchOptions(max_batch=count),
+                                compile=compile)
         params = [Sampling(f"{name}-{i}", *size, steps, guidance, i) for i in range(count)]
         cases[name] = case(engine, params, length)
         print(name, json.dumps(cases[name]), flush=True)
@@ -130,7 +143,7 @@ def main() -> int:
     report["cases"] = cases
     report["targets"] = {"flux_speedup_at_least": 2.0, "wan_speedup_at_least": 1.0,
                          "flux_met": cases["flux"]["speedup"] >= 2.0, "wan_met": cases["wan"]["speedup"] >= 1.0}
-    suffix = "-tiny" if args.tiny else ""
+    suffix = ("-compiled" if compile else "") + ("-tiny" if args.tiny else "")
     out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"batching-{args.device}{suffix}-{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -12,7 +12,13 @@ decide from the model's residuals, which random weights do not resemble), nor im
 uncached here is a sanity check, not a quality figure. taylorseer skips by schedule, so its skip count is the same
 as with trained weights.
 
+With `--compile[=MODE]` the blocks are compiled as the denoiser's `--compile` compiles them (inductor;
+$DIFFMESH_COMPILE_BACKEND overrides it, e.g. eager on CPU), uncached and every method timed compiled, each after a
+two-step warm-up run of its own (TaylorSeer's compiles its own graphs, services/denoiser/compile.py); the result
+file's name ends in -compiled.
+
     python3 bench/step_cache.py --device cuda            # results to bench/results/step-cache-<device>-<date>.json
+    python3 bench/step_cache.py --device cuda --compile  # the same with compiled blocks
     python3 bench/step_cache.py --device cpu --small     # a smoke run of the script on CPU (tiny shapes)
 """
 
@@ -22,6 +28,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -32,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from services.denoiser.cache import StepCache, StepCacheRun  # noqa: E402
+from services.denoiser.compile import COMPILE_BACKEND_ENV, CompileOptions, compile_blocks  # noqa: E402
 from services.denoiser.predict import predict_on_one_device  # noqa: E402
 from services.families.base import StepCall  # noqa: E402
 
@@ -126,6 +134,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--families", default="wan,flux")
     parser.add_argument("--small", action="store_true", help="tiny shapes: a smoke run of the script")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="compile the blocks, as the denoiser's --compile (default: off)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -134,15 +144,24 @@ def main() -> int:
     report = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device)
               if device.type == "cuda" else "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__,
               "steps": args.steps, "small": args.small, "weights": "random bf16", "families": {}}
+    compile = None if args.compile is None else CompileOptions(
+        mode=None if args.compile == "default" else args.compile,
+        backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
+    report["compile"] = None if compile is None else {"mode": compile.mode, "backend": compile.backend}
     builders = {"wan": wan_model, "flux": flux_model}
     with torch.inference_mode():
         for family in args.families.split(","):
             model, shape, call = builders[family](device, args.small)
+            if compile is not None:
+                compile_blocks(model, compile)
             denoise(call, shape, 2, device)                                   # warm-up (kernels, allocator)
             seconds, uncached = timed(lambda: denoise(call, shape, args.steps, device), device)
             rows = {"uncached": {"s": round(seconds, 3)}}
             print(f"{family:5s} uncached {seconds:8.2f} s", flush=True)
             for cache in METHODS[family]:
+                if compile is not None:
+                    with StepCacheRun(cache, [model], family, 2):             # taylorseer's graphs compile here
+                        denoise(call, shape, 2, device)
                 run = StepCacheRun(cache, [model], family, args.steps)
                 with run:
                     seconds_cached, cached = timed(lambda: denoise(call, shape, args.steps, device), device)
@@ -153,7 +172,8 @@ def main() -> int:
                       f"skipped {run.skipped}/{run.forwards}  {difference(cached, uncached)}", flush=True)
             report["families"][family] = rows
             del model
-    name = f"step-cache-{report['device'].replace(' ', '-')}-{report['date']}.json"
+    compiled = "-compiled" if compile else ""
+    name = f"step-cache-{report['device'].replace(' ', '-')}{compiled}-{report['date']}.json"
     out = pathlib.Path(args.out) if args.out else ROOT / "bench" / "results" / name
     if not args.small or args.out:
         out.write_text(json.dumps(report, indent=2) + "\n")

@@ -106,6 +106,8 @@ def gang_flags(args: argparse.Namespace) -> list[str]:
             flags += [f"--{name}", str(value)]
     if args.cfg_parallel:
         flags.append("--cfg-parallel")
+    if args.shard_weights:
+        flags.append("--shard-weights")
     if args.gang_timeout is not None:
         flags += ["--gang-timeout", str(args.gang_timeout)]
     return flags
@@ -125,6 +127,8 @@ def denoiser_speed_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--max-batch", str(args.max_batch)]
     if getattr(args, "batch_wait_ms", None) is not None:
         flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
+    if getattr(args, "dit_offload", False):
+        flags.append("--dit-offload")
     return flags
 
 
@@ -439,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "branches) as one batch (default 1: each alone; one device only)")
     up.add_argument("--batch-wait-ms", type=float, default=None, metavar="MS",
                     help="with --max-batch, how long a request waits at most for partners (default 0)")
+    up.add_argument("--dit-offload", action="store_true",
+                    help="the denoiser keeps its transformer's blocks in pinned host memory and streams them to the "
+                    "device block by block, for models larger than the device (one device, without --compile)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds")
     up.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port (0 picks a free one)")
     up.add_argument("--http-port", type=int, default=8000, help="the gateway's REST port (0 picks a free one)")
@@ -473,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     gang.add_argument("--ring", type=int, default=None, help="ring-attention sequence-parallel degree (default: 1)")
     gang.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on different devices")
     gang.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: 1)")
+    gang.add_argument("--shard-weights", action="store_true",
+                      help="shard each transformer block's weights across the gang's ranks, gathered per block, so a "
+                      "model bigger than one device fits (not with --tp > 1; default: off)")
     gang.add_argument("--gang-timeout", type=float, default=None, metavar="SECONDS",
                       help="how long a rank waits for the others in a collective before the gang counts as broken "
                       f"(default: {GANG_TIMEOUT_S}, the denoiser's)")

@@ -12,14 +12,23 @@ Each member keeps everything that makes its output its own: its first latents dr
 scheduler (stepped on its slice of the prediction), its own guidance scale, its own progress events and previews.
 A cancelled member leaves at the next step; the others go on.
 
-Equal to solo bit for bit (on CPU, measured by tests/unit/test_batching.py): most of the transformer's kernels give
-each sample the same bits whatever the batch (a GEMM over B x tokens rows reduces each row as for one sample;
-SDPA and the norms work per sample), but two kinds do not: a Linear over [batch, features] (the timestep,
-guidance and pooled-text embeddings, the blocks' modulation) becomes a matrix-vector product for one sample and
-a blocked GEMM for several, and a convolution (Wan's patch embedding) picks its algorithm by batch. Those modules
-run per member inside a batched call (`make_batch_invariant`): a handful of tiny calls per step. On a GPU, GEMM
-kernels are picked by shape too, so there a batched output is within rounding of solo, not bit-equal
-(bench/batching.py reports the difference it measures).
+Equal to solo bit for bit on CPU (measured by tests/unit/test_batching.py): CPU kernels pick their blocking,
+algorithm and thread split by the shape they are given, so a sample's bits depend on how many samples share the
+call. A Linear over [batch, tokens, features] is one GEMM over batch x tokens rows, and MKL/oneDNN block by that
+row count: [3, 11, 32] gives other bits than three [1, 11, 32] calls on an AVX-512 CPU (at 16 tokens they agree);
+a convolution picks its algorithm by batch, and SDPA, the norms, activations (vector body against scalar tail)
+and the timestep embedding's sin/cos split their work by size. Which shapes differ depends on the CPU and the
+library build, so no shape is taken as safe: within a batched call every module that computes runs once per
+member (`make_batch_invariant`), and all that runs over the whole batch is element-wise +, - and * (rounded per
+element, the same in any layout), reshapes and concatenations: on CPU a batch runs its members' kernels in turn.
+On a GPU the modules run batched (that is where batching pays) and GEMM kernels are picked by shape too, so there
+a batched output is within rounding of solo, not bit-equal (bench/batching.py reports the difference it
+measures).
+
+With `--compile` (compile.py) the blocks are compiled for static shapes, so a batch of n outputs compiles them once
+for n (the engine logs it as for an un-warmed size; `--warmup-sizes` compiles n = 1..--max-batch). On CPU the
+per-member modules run inside the compiled blocks too: dynamo guards on the members' output counts, so there each
+member layout (1+2, 2+1, ...) is a graph of its own.
 """
 
 from __future__ import annotations
@@ -42,8 +51,17 @@ from services.families.base import Sampling, StepCall
 
 logger = logging.getLogger(__name__)
 
-# The outputs each member brings to the transformer call running now, in batch order; None outside a batched call.
-_MEMBER_SIZES: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("member_sizes", default=None)
+_MEMBERS = "_diffmesh_batch_members"     # a batch-invariant transformer's _Members
+
+
+class _Members:
+    """The outputs each member brings to the transformer call running now, in batch order; None outside a batched
+    call. An attribute of the transformer, not a ContextVar: dynamo cannot trace `ContextVar.get`, so with
+    `--compile` each per-member module broke its block's graph (measured on the tiny Wan: 48 graph breaks, 45
+    graphs for one batch), while an attribute it reads into the graph and guards on. One batch runs at a time on an
+    engine (the BatchQueue's one worker), so one value per transformer is enough."""
+
+    sizes: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,34 +108,59 @@ def batch_key(params: Sampling, tensors: Mapping[str, torch.Tensor]) -> tuple:
 # 1. Batch-invariant modules
 
 def make_batch_invariant(transformer: torch.nn.Module) -> torch.nn.Module:
-    """Within a batched call, run each Linear over [batch, features] and each convolution once per member, so that
-    every member gets the bits its solo call gives (see the module docstring for why those two). Outside a batched
-    call the modules run as they were."""
+    """Within a batched call, run every module that computes (`_PER_MEMBER`: Linear of any rank, convolutions,
+    norms, activations, timestep embeddings, attention with its projections, matmuls and SDPA) once per member, so
+    that every member's kernels see the shapes of its solo call and give its bits (see the module docstring for
+    why no shape is safe). Outside a batched call the modules run as they were."""
+    members = _Members()
+    setattr(transformer, _MEMBERS, members)
     for module in transformer.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.forward = _per_member(module.forward, rows_only=True)
-        elif isinstance(module, (torch.nn.modules.conv._ConvNd, *_ACTIVATIONS)):
-            module.forward = _per_member(module.forward, rows_only=False)
+        if isinstance(module, _PER_MEMBER):
+            module.forward = _per_member(module.forward, members)
     return transformer
 
 
-def _activation_classes() -> tuple[type, ...]:
-    from diffusers.models import activations
+def _per_member_classes() -> tuple[type, ...]:
+    from diffusers.models import activations, attention, attention_processor, embeddings, normalization
 
-    torch_ones = tuple(c for c in vars(torch.nn.modules.activation).values()
-                       if isinstance(c, type) and issubclass(c, torch.nn.Module) and c is not torch.nn.Module)
-    return torch_ones + (activations.GELU, activations.GEGLU, activations.ApproximateGELU)
+    def defined_in(module) -> tuple[type, ...]:
+        return tuple(c for c in vars(module).values() if isinstance(c, type) and issubclass(c, torch.nn.Module)
+                     and c.__module__ == module.__name__)
+
+    # Every kind that runs kernels over the rows it is given. Not position embedders: their output has no batch.
+    return (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.LayerNorm, torch.nn.GroupNorm,
+            torch.nn.RMSNorm, normalization.RMSNorm, embeddings.Timesteps, attention.AttentionModuleMixin,
+            attention_processor.Attention, *defined_in(torch.nn.modules.activation), *defined_in(activations))
 
 
-_ACTIVATIONS = _activation_classes()
+_PER_MEMBER = _per_member_classes()
 
 
-def _per_member(forward: Callable[..., torch.Tensor], rows_only: bool) -> Callable[..., torch.Tensor]:
-    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        sizes = _MEMBER_SIZES.get()
-        if sizes is None or x.shape[0] != sum(sizes) or (rows_only and x.dim() != 2):
-            return forward(x, *args, **kwargs)
-        return torch.cat([forward(part, *args, **kwargs) for part in x.split(sizes)])
+def _per_member(forward: Callable[..., Any], members: _Members) -> Callable[..., Any]:
+    """`forward` once per member on its slice of each batched tensor argument: one whose dim 0 is the batch's
+    outputs, or k times them (Wan2.2 TI2V flattens its per-token timesteps to batch x tokens, batch-major, so a
+    member's rows are k x its outputs). Slicing dim 0 is exact for every `_PER_MEMBER` kind (each treats dim 0 as
+    independent samples or rows); other arguments (rotary tables: tuples) go to each member whole. A slice keeps
+    the solo tensor's strides, and its 64-byte alignment (which MKL's GEMM can round by) wherever a member's rows
+    fill whole cache lines, as the families' feature widths (multiples of 16) do. The outputs, a tensor or a tuple of
+    them, are concatenated in batch order."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        sizes = members.sizes
+        values = [*args, *kwargs.values()]
+        rows = [0] * len(values) if sizes is None else [
+            v.shape[0] // sum(sizes) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] % sum(sizes) == 0
+            else 0 for v in values]
+        if not any(rows):        # outside a batched call, or nothing batched in this one
+            return forward(*args, **kwargs)
+        columns = [v.split([k * size for size in sizes]) if k else [v] * len(sizes) for v, k in zip(values, rows)]
+        members.sizes = None     # inside, a member's modules run as in its solo call (none splits again)
+        try:
+            outs = [forward(*one[:len(args)], **dict(zip(kwargs, one[len(args):]))) for one in zip(*columns)]
+        finally:
+            members.sizes = sizes
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*outs))
+        return torch.cat(outs)
     return run
 
 
@@ -151,12 +194,15 @@ def _joined(kwargs: list[dict[str, Any]], batched: frozenset[str]) -> dict[str, 
 
 def _call(calls: list[StepCall], branch: str) -> list[torch.Tensor]:
     sizes = tuple(call.batch_size for call in calls)
-    token = _MEMBER_SIZES.set(sizes)
+    members: _Members | None = getattr(calls[0].model, _MEMBERS, None)     # None: not batch-invariant (a GPU)
+    if members is not None:
+        members.sizes = sizes
     try:
         out = calls[0].model(**_joined([getattr(call, branch) for call in calls], calls[0].batched),
                              return_dict=False)[0]
     finally:
-        _MEMBER_SIZES.reset(token)
+        if members is not None:
+            members.sizes = None
     return list(out.split(sizes))
 
 
@@ -227,6 +273,10 @@ def denoise_together(engine, members: list[Member]) -> None:
         active = [member for member in active if member.error is None]
         if not active:
             return
+        # Compiled blocks compile for the batch's outputs (static shapes), again after a member leaves.
+        first = active[0].params
+        engine.note_compile((first.width, first.height, first.num_frames, sum(m.params.num_outputs for m in active)),
+                            first.request_id, "this batch")
         calls = [m.run.step_call(m.latents, m.run.timesteps[i], i) for m in active]
         with engine.attention.scope():
             predictions = predict_together(calls, engine.predict_noise)

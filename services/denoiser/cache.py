@@ -8,9 +8,10 @@ calibrated ratios, which diffusers ships for FLUX only, so another family must p
 diffusers (nor in another library this project takes), so it is refused naming `cache.method`.
 
 `StepCacheRun` enables the method on the transformers for one denoising run and disables it afterwards: the hooks
-are gone and the next uncached request runs the model's own forward, bit for bit as before. The noise predictors
-(predict.py, gang/predict.py) enter `branch(model, "cond"|"uncond")` around each call, as diffusers' pipelines enter
-`cache_context`, so each CFG branch keeps its own cache state.
+are gone, nothing of the run's cache state stays allocated, and the next uncached request runs the model's own
+forward, bit for bit as before. The noise predictors (predict.py, gang/predict.py) enter `branch(model,
+"cond"|"uncond")` around each call, as diffusers' pipelines enter `cache_context`, so each CFG branch keeps its own
+cache state.
 
 In a gang every rank must take the same skip decision: taylorseer and magcache decide from the step index and fixed
 ratios, the same on every rank; first_block decides from the first block's residual, of which a sequence-parallel
@@ -19,12 +20,23 @@ all-reduced over the sequence group, and the resulting compute/skip flag is all-
 (a rank skips only if every rank would). That also makes a CFG-parallel gang's cond and uncond ranks skip the same
 steps (both compute if either branch's metric says so). On one device each branch decides alone, as in diffusers'
 pipelines.
+
+With `--compile` (compile.py compiles each block's forward) the hooks on the blocks (first_block, magcache) wrap the
+compiled forward and run eagerly around it: the cached run uses the uncached run's graphs and compiles nothing. The
+TaylorSeer hooks sit on attention modules inside the blocks, so dynamo would trace them into the block's graph:
+their decision is a graph break and their state update reads the step counter, a recompile per computed step
+(measured on the tiny Wan: 13 graphs for 8 steps, 25 for 20, up to the recompile limit, past which the block runs
+eagerly). So on a compiled transformer the hooked attention modules run eagerly (`torch.compiler.disable`): the
+block's graph breaks around them, into a fixed number of pieces whatever the steps (3 per size for Wan, 4 for FLUX's
+two block classes), and the blocks run their variant meanwhile (compile.graphs_apart), whose graphs never serve an
+uncached call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -34,6 +46,7 @@ import torch.distributed as dist
 
 from services.common.errors import InvalidArgument
 from services.denoiser.axes import AxisGroup
+from services.denoiser.compile import blocks_compiled, graphs_apart
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +160,7 @@ def _diffusers_config(cache: StepCache, family: str, steps: int):
                           mag_ratios=torch.as_tensor(ratios, dtype=torch.float32))
 
 
+@functools.cache     # one class for all requests, not a new type per request (dynamo guards on types, were it to trace)
 def _fbc_head_hook_class():
     from diffusers.hooks.first_block_cache import FBCHeadBlockHook
 
@@ -188,9 +202,24 @@ def _fbc_head_hook_class():
     return AgreedHeadHook
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheCounts:
+    """What a finished run leaves (engine.last_cache): its counts and first_block's decisions, plain numbers only.
+    Nothing of the run's cache state outlives it here (see StepCacheRun.__exit__)."""
+
+    cache: StepCache
+    forwards: int
+    skipped: int
+    # first_block: every head decision of the run, in order (branch, this rank's metric, alone, agreed)
+    decisions: tuple[tuple[str, float, bool, bool], ...] = ()
+
+    def summary(self) -> str:
+        return f"step cache {self.cache.describe()}: skipped {self.skipped} of {self.forwards} transformer forwards"
+
+
 class StepCacheRun:
-    """One request's caching on its transformers: enabled on enter, disabled (hooks removed) on exit. Counts the
-    forwards each branch skipped."""
+    """One request's caching on its transformers: enabled on enter, disabled (hooks removed, their state freed) on
+    exit. Counts the forwards each branch skipped."""
 
     def __init__(self, cache: StepCache, transformers: Sequence[torch.nn.Module], family: str, steps: int,
                  agreement: Agreement | None = None) -> None:
@@ -200,30 +229,49 @@ class StepCacheRun:
         self.agreement = agreement
         self.forwards = 0
         self.skipped = 0
-        self.head_hooks: list = []
+        # first_block: every head decision of the run, in order (all transformers' head hooks append here)
+        self.decisions: list[tuple[str, float, bool, bool]] = []
+        self._hooks: list[tuple[torch.nn.Module, object]] = []     # (module, hook) that enable_cache registered
+        self._apart = contextlib.ExitStack()
 
     def __enter__(self) -> StepCacheRun:
         for model in self.models:
+            before = {id(hook) for _, hook in _hooks(model)}
             model.enable_cache(self.config)
+            self._hooks += [(module, hook) for module, hook in _hooks(model) if id(hook) not in before]
             setattr(model, _SESSION, self)
+            if self.cache.method == "taylorseer" and blocks_compiled(model):
+                _run_eagerly(model, "taylorseer_cache")     # see the module docstring
+                self._apart.enter_context(graphs_apart(model))
             if self.cache.method == "first_block":
                 hook = _head_hook(model, "fbc_leader_block_hook")
                 hook.__class__ = _fbc_head_hook_class()     # same state and registration; agreed decision
-                hook.agreement, hook.decisions = self.agreement, []
-                self.head_hooks.append(hook)
+                hook.agreement, hook.decisions = self.agreement, self.decisions
         return self
 
     def __exit__(self, *exc) -> None:
+        self._apart.close()
         for model in self.models:
             if getattr(model, _SESSION, None) is self:
                 delattr(model, _SESSION)
             if model.is_cache_enabled:
                 model.disable_cache()
+            _restore_own_forwards(model)
+        # Removed, a hook is not yet freed: it and its `fn_ref` (diffusers' HookFunctionReference, holding the hook's
+        # bound methods) reference each other, so only a full collection of cyclic garbage frees it, which a serving
+        # process seldom runs (CPython 3.11: once the long-lived objects grew by a quarter). Its state stayed
+        # allocated meanwhile: TaylorSeer's is each hooked attention's output and first difference per branch (Wan2.1
+        # 1.3B at 832x480x81: 30 blocks x 2 attentions x 2 branches x 2 float32 [32760, 1536] = 45 GiB), and the
+        # next request's came on top (on an H200 the second such request ran out of memory at 89.5 GiB). So the
+        # state goes now, and the cycle is cut so that the hooks go too.
+        for module, hook in self._hooks:
+            if hook._is_stateful:
+                hook.reset_state(module)
+            hook.fn_ref = None
+        self._hooks = []
 
-    @property
-    def decisions(self) -> list[tuple[str, float, bool, bool]]:
-        """first_block: every head decision of the run, in order (all transformers)."""
-        return [d for hook in self.head_hooks for d in hook.decisions]
+    def counts(self) -> CacheCounts:
+        return CacheCounts(self.cache, self.forwards, self.skipped, tuple(self.decisions))
 
     def computed(self, model: torch.nn.Module) -> bool:
         """Whether the branch just run (its cache context still set) ran all its blocks."""
@@ -237,12 +285,39 @@ class StepCacheRun:
                 or (step - hook.disable_cache_before_step - 1) % hook.cache_interval == 0)
 
     def summary(self) -> str:
-        return f"step cache {self.cache.describe()}: skipped {self.skipped} of {self.forwards} transformer forwards"
+        return self.counts().summary()
 
 
 def unwrap(model) -> torch.nn.Module:
     """The diffusers model under a gang's sequence-parallel wrapper (which keeps it as `.model`)."""
     return model if isinstance(model, torch.nn.Module) else model.model
+
+
+def _run_eagerly(model: torch.nn.Module, hook: str) -> None:
+    """Each module carrying `hook` runs its hook chain, and its own forward within, outside dynamo's graphs (the
+    chain's end is the module's `forward`, which the hook's removal replaces, so the wrapper goes with it)."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(hook) is not None:
+            module.forward = torch.compiler.disable(module.forward)
+
+
+def _restore_own_forwards(model: torch.nn.Module) -> None:
+    """Drop the `forward` attributes that removing a hook leaves on its modules (the class's own bound method,
+    which `HookRegistry.remove_hook` puts back as an instance attribute): the module is then exactly as before
+    the run, and a compiled block that calls it does not recompile for the changed attribute."""
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+            del module.forward
+
+
+def _hooks(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, object]]:
+    """Every diffusers hook on the model's modules, with its module."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            yield from ((module, hook) for hook in registry.hooks.values())
 
 
 def _head_hook(model: torch.nn.Module, name: str):

@@ -5,14 +5,35 @@ whole model's minutes, for the same speed.
 Each size a request brings compiles once (static shapes: the fastest kernels); `--warmup-sizes` compiles the
 listed sizes at start-up, before the denoiser reports SERVING, so no request waits for them. A size not warmed up
 still works: its first request compiles it (said in the log), later ones reuse it.
+
+The graph is traced from each block's `forward`, not from its `__call__` (`nn.Module.compile`, which diffusers'
+`compile_repeated_blocks` uses): a request's step caching (cache.py) replaces a block's `forward` with diffusers'
+hook chain (`HookRegistry.register_hook`), and through a compiled `__call__` dynamo traced that chain into graphs
+of its own, breaking at every skip decision (measured on the tiny Wan: 6 more graphs for a first_block request, 4
+more for each next one). Compiled this way the hooks wrap the compiled forward and run eagerly around it: a cached
+request runs the very graphs an uncached one does.
+
+TaylorSeer hooks the attention modules inside the blocks instead, and cache.py runs those eagerly, so a TaylorSeer
+run's block graphs break around them. Dynamo guards a graph that breaks at a call only on what it traced before the
+call: compiled from the block's own code, those pieces also matched the uncached calls after the run and served
+them, in pieces, from then on (measured: the next uncached request compiled the attention as graphs of its own).
+So such a run uses each block's variant (`graphs_apart`): its forward compiled from a copy of the code object,
+which dynamo keys its graphs by, so the two sets never serve each other's calls.
+
+With request batching (batching.py) a batch of n outputs is another shape: its blocks compile once per (size, n),
+and `--warmup-sizes` with `--max-batch N` compiles n = 1..N.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import logging
 import os
+import types
+from collections.abc import Iterator
 
 import torch
 
@@ -23,6 +44,8 @@ COMPILE_BACKEND_ENV = "DIFFMESH_COMPILE_BACKEND"    # inductor by default; "eage
 RECOMPILE_LIMIT = 64
 
 Size = tuple[int, int, int]     # width, height, frames
+_COMPILED = "_diffmesh_compiled_blocks"     # the CompileOptions, on a model whose blocks compile_blocks compiled
+_VARIANT = "_diffmesh_variant_forward"      # on each compiled block: its forward compiled apart (graphs_apart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +61,57 @@ def compile_blocks(transformer: torch.nn.Module, options: CompileOptions) -> tor
     if model is None or not getattr(model, "_repeated_blocks", None):
         raise ValueError(f"{type(transformer).__name__} declares no repeated blocks to compile (--compile)")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    model.compile_repeated_blocks(mode=options.mode, backend=options.backend, dynamic=False)
+    # diffusers' compile_repeated_blocks, matching classes through their bases too: a block sharded by
+    # `--shard-weights` (gang/sharded_weights.py) is FSDP2's subclass of its own class (`FSDPWanTransformerBlock`),
+    # which matching by exact class name misses. Its FSDP hooks then run eagerly around the compiled forward.
+    blocks = [module for module in model.modules()
+              if any(cls.__name__ in model._repeated_blocks for cls in type(module).__mro__)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has none of its {model._repeated_blocks} blocks to compile")
+    for block in blocks:
+        # The forward, not the module (see the module docstring): the cache hooks then wrap the compiled code.
+        own = block.forward
+        block.forward = torch.compile(own, mode=options.mode, backend=options.backend, dynamic=False)
+        # Compiled at its first call only (the first TaylorSeer request of a size waits for it).
+        function = getattr(own, "__func__", None)
+        variant = own if function is None else torch.compile(types.MethodType(_code_copy(function), block),
+                                                             mode=options.mode, backend=options.backend,
+                                                             dynamic=False)
+        setattr(block, _VARIANT, variant)    # a forward wrapped before compiling (no plain method): eagerly
+    setattr(model, _COMPILED, options)
     logger.info("compiling %s's %s blocks (%s, mode %s)", type(model).__name__, ", ".join(model._repeated_blocks),
                 options.backend, options.mode or "default")
     return transformer
+
+
+def blocks_compiled(model: torch.nn.Module) -> bool:
+    """Whether compile_blocks compiled this diffusers model's blocks."""
+    return getattr(model, _COMPILED, None) is not None
+
+
+@functools.cache     # one copy per block class: its layers share the copy's graphs, as they share the original's
+def _code_copy(function: types.FunctionType) -> types.FunctionType:
+    """The same function on a new code object (the same bytecode): dynamo's graphs for it are its own."""
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__qualname__ = function.__qualname__
+    return copy
+
+
+@contextlib.contextmanager
+def graphs_apart(model: torch.nn.Module) -> Iterator[None]:
+    """Within: each compiled block of this diffusers model runs its variant, for a run whose graphs break inside
+    the blocks (see the module docstring). Nothing changes on a model compile_blocks did not compile."""
+    blocks = [module for module in model.modules() if _VARIANT in vars(module)]
+    usual = [vars(block)["forward"] for block in blocks]
+    for block in blocks:
+        block.forward = vars(block)[_VARIANT]
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, usual, strict=True):
+            block.forward = forward
 
 
 def parse_sizes(text: str) -> tuple[Size, ...]:

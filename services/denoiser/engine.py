@@ -31,9 +31,10 @@ from services.common.limits import (
 )
 from services.common.models import ModelDir
 from services.common.platform import Platform
-from services.denoiser.batching import BatchOptions, make_batch_invariant
-from services.denoiser.cache import Agreement, StepCacheRun, check_cache
+from services.denoiser.batching import BatchOptions, Member, denoise_together, make_batch_invariant
+from services.denoiser.cache import Agreement, CacheCounts, StepCacheRun, check_cache
 from services.denoiser.compile import CompileOptions, compile_blocks
+from services.denoiser.offload import OffloadOptions, check_offload, load_device, offload_blocks
 from services.denoiser.predict import NoisePredictor, predict_on_one_device
 from services.families import family_for
 from services.families.base import DenoiseRun, Sampling
@@ -51,7 +52,7 @@ class DenoiserEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
                  device: torch.device | None = None, *, load: TransformerLoad | None = None,
                  predict_noise: NoisePredictor = predict_on_one_device, compile: CompileOptions | None = None,
-                 batching: BatchOptions | None = None) -> None:
+                 batching: BatchOptions | None = None, offload: OffloadOptions | None = None) -> None:
         self.model_name = model.name
         self.platform = platform
         self.device = device or platform.device()
@@ -66,19 +67,23 @@ class DenoiserEngine:
         self.compiled_sizes: set[tuple[int, int, int, int]] = set()
         # A gang's ranks agree on step-cache decisions (gang/engine.py sets it); None: one device decides alone.
         self.cache_agreement: Agreement | None = None
-        self.last_cache: StepCacheRun | None = None      # the last cached request's run (its skip counts)
+        self.last_cache: CacheCounts | None = None       # the last cached request's skip counts (no tensors)
 
         # Request batching (batching.py): the server's BatchQueue drives it; None or max_batch 1: each request alone.
+        # With --compile, a batch of n outputs compiles the blocks for n (note_compile says so).
         self.batching = batching if batching is not None and batching.enabled else None
-        if self.batching and compile:
-            raise ValueError("--max-batch > 1 with --compile: not available yet (the compiled blocks are traced for "
-                             "one request's batch)")
+
+        # --dit-offload (offload.py): the blocks live in pinned host memory and stream to the device per forward.
+        check_offload(offload, compile=compile)
+        self.offload = offload
 
         def load_component(component: str) -> torch.nn.Module:
             transformer = self.attention.install(load(model, component, weights_dtype))
             if self.batching and self.device.type == "cpu":
                 # Bit-equal to solo on CPU (batching.py); a GPU's kernels are picked by shape anyway: within rounding.
                 transformer = make_batch_invariant(transformer)
+            if offload is not None:
+                transformer = offload_blocks(transformer, self.device, offload)
             return compile_blocks(transformer, compile) if compile else transformer
 
         self.denoising = self.family.denoising(model, load_component, self.device)
@@ -88,8 +93,13 @@ class DenoiserEngine:
             self.warm_up(compile.warmup_sizes)
 
     def warm_up(self, sizes) -> None:
-        """Compile each (width, height, frames) now, with a two-step denoise on zero conditioning. A size this
-        model cannot take fails start-up naming it."""
+        """Compile each (width, height, frames) now, with a two-step denoise on zero conditioning; with --max-batch
+        N, for each batch of n = 1..N outputs (each n compiles: static shapes). A size this model cannot take fails
+        start-up naming it."""
+        most = self.batching.max_batch if self.batching else 1
+        if most > 1:
+            logger.info("--warmup-sizes with --max-batch %d: each size warms up for batches of n=1..%d outputs, one "
+                        "compile each", most, most)
         for width, height, frames in sizes:
             params = Sampling("warmup", width, height, frames, 2, self.limits.default_guidance_scale, 0)
             try:
@@ -102,14 +112,32 @@ class DenoiserEngine:
                                "request of each size compiles it", self.model_name)
                 return
             started = time.monotonic()
-            self.denoise(params, tensors)
-            logger.info("compiled %dx%dx%d in %.1fs", width, height, frames, time.monotonic() - started)
+            for n in range(1, most + 1):
+                if n == 1:
+                    self.denoise(params, tensors)
+                    continue
+                batch = [Member(params, tensors) for _ in range(n)]
+                denoise_together(self, batch)
+                if batch[0].error is not None:
+                    raise batch[0].error
+            logger.info("compiled %dx%dx%d%s in %.1fs", width, height, frames,
+                        f" for n=1..{most}" if most > 1 else "", time.monotonic() - started)
+
+    def note_compile(self, size: tuple[int, int, int, int], request_id: str, waiting: str = "this request") -> None:
+        """With --compile: a size (width, height, frames, outputs per transformer call) first seen compiles the
+        blocks now (static shapes), which the log says unless warm-up is compiling it."""
+        if self.compile and size not in self.compiled_sizes:
+            self.compiled_sizes.add(size)
+            if request_id != "warmup":
+                logger.info("compiling the blocks for %dx%dx%d, n=%d (not in --warmup-sizes): %s waits for it, "
+                            "later ones of this size do not", *size, waiting)
 
     def load_whole(self, model: ModelDir, component: str, dtype: torch.dtype) -> torch.nn.Module:
         """A whole transformer on this device; where the gang's self-attention processor serves its family, it
         runs here too (with nothing to exchange: the same kernels, so one device and a gang compute the same
         numbers)."""
-        transformer = model.load(component, dtype=dtype, device=self.device)
+        # Offloaded, it loads to the host: the device need not hold the whole model, not even while loading.
+        transformer = model.load(component, dtype=dtype, device=load_device(self.device, self.offload))
         self.family.install_kernels(transformer)
         return transformer
 
@@ -124,10 +152,7 @@ class DenoiserEngine:
         check_outputs(params.num_outputs)
         check_seed(params.seed)
         check_preview_every(params.preview_every, params.num_inference_steps)
-        check_cache(params.cache, self.family.name)
-        if params.cache is not None and self.compile:
-            # The cache hooks replace the blocks' forwards, which the compiled blocks were traced from.
-            raise InvalidArgument("cache", "step caching is not available on a denoiser started with --compile")
+        check_cache(params.cache, self.family.name)     # with --compile too: the hooks wrap the compiled blocks
         if params.request_id:   # a gang's ranks log under it
             check_request_id(params.request_id, "request_id")
         self.denoising.check(params)
@@ -146,8 +171,8 @@ class DenoiserEngine:
                            self.cache_agreement)
         with run:
             result = self._denoise(params, tensors, on_step, cancelled, on_preview)
-        self.last_cache = run
-        logger.info("%s", run.summary())
+        self.last_cache = run.counts()
+        logger.info("%s", self.last_cache.summary())
         return result
 
     @torch.inference_mode()
@@ -165,12 +190,7 @@ class DenoiserEngine:
         with or without."""
         self.check(params)
         self.check_conditioning(params, tensors)
-        size = (params.width, params.height, params.num_frames, params.num_outputs)
-        if self.compile and size not in self.compiled_sizes:
-            self.compiled_sizes.add(size)
-            if params.request_id != "warmup":
-                logger.info("compiling the blocks for %dx%dx%d, n=%d (not in --warmup-sizes): this request waits for "
-                            "it, later ones of this size do not", *size)
+        self.note_compile((params.width, params.height, params.num_frames, params.num_outputs), params.request_id)
         # 2. The family's run: scheduler and timesteps, first latents (drawn on the CPU from the seed)
         run = self.denoising.start(params, tensors, self.device)
         latents = run.latents

@@ -1,10 +1,14 @@
 """Step caching per request (services/denoiser/cache.py): off is today's output bit for bit, before and after a
 cached request; first_block / taylorseer / magcache skip forwards and stay close; bad options name their field; in
-a 2-rank gloo gang whose ranks' local first_block metrics disagree, both ranks still take one decision per step."""
+a 2-rank gloo gang whose ranks' local first_block metrics disagree, both ranks still take one decision per step.
+With `--compile` (dynamo's eager and aot_eager backends on CPU) a cached request equals the eager one, skips the
+same forwards, runs the compiled graphs under the hooks and compiles a bounded number of graphs, none per step. A
+finished cached request (or a cancelled one), eager or compiled, leaves none of its cache state allocated."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 
@@ -12,14 +16,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
 
-from services.common.errors import InvalidArgument
+from services.common.errors import Cancelled, InvalidArgument
 from services.common.models import resolve_model_dir
 from services.common.platform import PLATFORMS
 from services.common.tiny.flux import write_tiny_flux
 from services.common.tiny_model import write_tiny_model
 from services.denoiser.axes import AxisGroup
 from services.denoiser.cache import Agreement, StepCache, check_cache
+from services.denoiser.compile import CompileOptions
 from services.denoiser.engine import DenoiserEngine
 from services.denoiser.gang.launcher import free_port
 from services.encoder.engine import EncodeParams, EncoderEngine
@@ -81,6 +87,160 @@ def test_a_cache_skips_forwards_and_stays_close(family, cache, request, caplog):
     assert _psnr(cached, uncached) > 15, _psnr(cached, uncached)
 
 
+# --compile. `counting` is dynamo's eager backend that counts each run of a compiled graph, to see which forwards
+# the compiled blocks served.
+GRAPH_RUNS = [0]
+
+
+@torch._dynamo.register_backend(name="diffmesh_counting")
+def _counting(graph, example_inputs):
+    def run(*args):
+        GRAPH_RUNS[0] += 1
+        return graph(*args)
+    return run
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _compiled(served, backend: str) -> DenoiserEngine:
+    torch._dynamo.reset()          # graphs are kept per code object, shared by every engine in the process
+    return DenoiserEngine(resolve_model_dir(served[-1]), PLATFORMS["cpu"], compile=CompileOptions(backend=backend))
+
+
+def _blocks(engine: DenoiserEngine) -> int:
+    model = engine.denoising.transformers[0]
+    return sum(len(getattr(model, name)) for name in ("blocks", "transformer_blocks", "single_transformer_blocks")
+               if hasattr(model, name))
+
+
+@pytest.mark.parametrize("family, cache, backend", [
+    ("wan", StepCache("first_block", threshold=2.0), "eager"),
+    ("wan", StepCache("first_block", threshold=2.0), "aot_eager"),
+    ("flux", StepCache("first_block", threshold=0.3), "aot_eager"),
+    ("wan", StepCache("taylorseer", interval=2, warmup_steps=2), "eager"),
+    ("flux", StepCache("taylorseer", interval=2, warmup_steps=2), "aot_eager"),
+    ("flux", StepCache("magcache", threshold=0.5), "eager"),
+    ("flux", StepCache("magcache", threshold=0.5), "aot_eager"),
+])
+def test_a_cached_request_on_compiled_blocks_equals_eager_and_compiles_nothing_per_step(family, cache, backend,
+                                                                                         request):
+    served = request.getfixturevalue(family)
+    eager_engine, params, tensors, uncached, _ = served
+    cached = dataclasses.replace(params, cache=cache)
+    eager = eager_engine.denoise(cached, tensors)
+    eager_run = eager_engine.last_cache
+
+    engine = _compiled(served, backend)
+    plain = engine.denoise(params, tensors)
+    torch.testing.assert_close(plain, uncached, atol=1e-5, rtol=1e-5)
+    graphs = _graphs()
+    compiled = engine.denoise(cached, tensors)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    run = engine.last_cache
+    assert (run.skipped, run.forwards) == (eager_run.skipped, eager_run.forwards) and run.skipped > 0
+    cached_graphs = _graphs() - graphs
+    if cache.method == "taylorseer":
+        # Its hooked attention runs eagerly, the blocks' graphs broken around it: a few pieces per block class.
+        assert 0 < cached_graphs <= 4, cached_graphs
+    else:
+        assert cached_graphs == 0        # the hooks wrap the very graphs the uncached request compiled
+    # More steps and a second request: no graph more (none per step), nor for the uncached request after, which
+    # is the uncached output bit for bit.
+    engine.denoise(dataclasses.replace(cached, num_inference_steps=2 * STEPS), tensors)
+    assert engine.last_cache.skipped > run.skipped
+    assert _graphs() == graphs + cached_graphs
+    assert torch.equal(engine.denoise(params, tensors), plain)
+    assert _graphs() == graphs + cached_graphs
+    assert not any(m.is_cache_enabled for m in engine.denoising.transformers)
+
+
+@pytest.mark.parametrize("family, cache", [
+    ("wan", StepCache("first_block", threshold=2.0)),
+    ("flux", StepCache("first_block", threshold=0.3)),
+    ("flux", StepCache("magcache", threshold=0.5)),
+])
+def test_the_compiled_blocks_serve_every_forward_a_cache_computes(family, cache, request):
+    served = request.getfixturevalue(family)
+    _, params, tensors, *_ = served
+    engine = _compiled(served, "diffmesh_counting")
+    engine.denoise(params, tensors)
+    GRAPH_RUNS[0] = 0
+    engine.denoise(dataclasses.replace(params, cache=cache), tensors)
+    run, blocks = engine.last_cache, _blocks(engine)
+    computed = run.forwards - run.skipped
+    if cache.method == "first_block":
+        # The first block runs every forward (its residual decides); the others only on computed ones.
+        assert GRAPH_RUNS[0] == run.forwards + computed * (blocks - 1)
+    else:
+        assert GRAPH_RUNS[0] == computed * blocks        # a skipped step runs no block at all
+
+
+# Memory. A serving process seldom runs a full collection of cyclic garbage (CPython runs one once the long-lived
+# objects grew by a quarter), so what only a full collection frees stayed allocated there: on an H200 a whole
+# TaylorSeer run's state (45 GiB for Wan2.1 1.3B at 832x480x81) under the next request's, which ran out of memory.
+# So the collector is off here, and the bytes counted include any garbage in reference cycles.
+SLACK = 256     # bytes; measured: 0 (before the fix, a run's state outlived it: 544 bytes magcache FLUX, up to 12 KiB)
+
+
+@pytest.fixture
+def no_cyclic_collector():
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _live_bytes(engine: DenoiserEngine) -> int:
+    """Bytes of the live CPU tensors' storages, less the model's own (parameters, buffers). Plain tensors only: the
+    FakeTensors of dynamo's traces hold no memory."""
+    own = {t.untyped_storage().data_ptr() for model in engine.denoising.transformers
+           for t in (*model.parameters(), *model.buffers())}
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) is torch.Tensor and obj.layout == torch.strided and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in own:
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+TAYLORSEER = StepCache("taylorseer", interval=2, warmup_steps=2)
+CACHES = [("wan", StepCache("first_block", threshold=2.0)), ("wan", TAYLORSEER),
+          ("flux", StepCache("magcache", threshold=0.5))]
+
+
+@pytest.mark.parametrize("family, cache, backend", [(family, cache, backend) for family, cache in CACHES
+                                                    for backend in (None, "eager", "aot_eager")]
+                         + [("wan", TAYLORSEER, "inductor")])     # None: eager blocks
+def test_a_finished_cached_request_leaves_none_of_its_cache_state_allocated(family, cache, backend, request,
+                                                                            no_cyclic_collector):
+    served = request.getfixturevalue(family)
+    _, params, tensors, *_ = served
+    engine = served[0] if backend is None else _compiled(served, backend)
+    engine.denoise(params, tensors)             # compiled: the uncached request's graphs
+    baseline = _live_bytes(engine)
+    cached, after = dataclasses.replace(params, cache=cache), []
+    for _ in range(2):                          # the first compiles the cached run's graphs (taylorseer), if any
+        engine.denoise(cached, tensors)
+        assert engine.last_cache.skipped > 0
+        after.append(_live_bytes(engine) - baseline)
+    # A run that ends early (cancelled here; out of memory on a device) frees its state too.
+    done = []
+    try:
+        engine.denoise(cached, tensors, on_step=lambda i, _: done.append(i), cancelled=lambda: len(done) == STEPS // 2)
+    except Cancelled:
+        pass
+    assert len(done) == STEPS // 2
+    after.append(_live_bytes(engine) - baseline)
+    assert max(after) <= SLACK, f"{after} bytes more than after the uncached request (2 runs, then a cancelled one)"
+
+
 def test_cfg_branches_keep_their_own_cache_state(wan):
     engine, params, tensors, *_ = wan
     engine.denoise(dataclasses.replace(params, cache=StepCache("first_block", threshold=2.0)), tensors)
@@ -119,14 +279,14 @@ def test_a_method_the_family_cannot_take_names_it(wan):
 THRESHOLD = 1.0
 
 
-def _rank(rank: int, port: int, model_path: str, out_dir: str) -> None:
+def _rank(rank: int, port: int, model_path: str, out_dir: str, backend: str | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         model = resolve_model_dir(model_path)
         tensors = EncoderEngine(model, PLATFORMS["cpu"]).encode(EncodeParams("r", "a cat", "", 5.0))
         tensors = {name: value * (1.0 + 3.0 * rank) for name, value in tensors.items()}   # rank-dependent metric
-        engine = DenoiserEngine(model, PLATFORMS["cpu"])
+        engine = DenoiserEngine(model, PLATFORMS["cpu"], compile=CompileOptions(backend=backend) if backend else None)
         engine.cache_agreement = Agreement(sequence=AxisGroup(dist.group.WORLD, [0, 1], rank))
         params = Sampling("r", 32, 32, 1, STEPS, 5.0, 7 + rank, cache=StepCache("first_block", threshold=THRESHOLD))
         engine.denoise(params, tensors)
@@ -136,9 +296,11 @@ def _rank(rank: int, port: int, model_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_a_gang_takes_one_agreed_decision_per_step_when_local_metrics_disagree(wan, tmp_path):
+@pytest.mark.parametrize("backend", [None, "eager"])     # eager blocks, compiled blocks (the hooks run eagerly)
+def test_a_gang_takes_one_agreed_decision_per_step_when_local_metrics_disagree(wan, tmp_path, backend):
     model_path = wan[-1]
-    mp.start_processes(_rank, args=(free_port(), model_path, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), model_path, str(tmp_path), backend), nprocs=2,
+                       start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     agreed = [[(name, computed) for name, _, _, computed in r["decisions"]] for r in ranks]
     local = [[alone for _, _, alone, _ in r["decisions"]] for r in ranks]

@@ -24,6 +24,11 @@ def add_gang_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                       help="conditional and unconditional branches on different devices (degree 2)")
     gang.add_argument("--tp", type=int, default=None,
                       help="tensor-parallel degree (heads and FFN sharded) (default: 1)")
+    gang.add_argument("--shard-weights", action="store_true",
+                      help="shard each transformer block's weights across the gang's ranks, gathered just before the "
+                      "block runs and freed after, so a model bigger than one device fits (same outputs; each rank "
+                      "holds 1/devices of the blocks). Needs --devices 2 or more, not with --tp > 1 (default: off, "
+                      "every rank holds the whole model)")
     gang.add_argument("--gang-timeout", type=positive_seconds, default=DEFAULT_COLLECTIVE_TIMEOUT.total_seconds(),
                       metavar="SECONDS", help="how long a rank waits in a collective for the others before the "
                       "gang counts as broken (answers UNAVAILABLE and exits) (default %(default)s)")
@@ -42,7 +47,21 @@ def resolve_layout(args: argparse.Namespace, world_size: int | None) -> GangLayo
     devices = args.devices or world_size or 1
     if world_size is not None and devices != world_size:
         raise LayoutError(f"--devices {devices} but WORLD_SIZE is {world_size}")
-    return GangLayout.resolve(devices, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses, ring=args.ring, tp=args.tp)
+    layout = GangLayout.resolve(devices, cfg_parallel=args.cfg_parallel, ulysses=args.ulysses, ring=args.ring,
+                                tp=args.tp)
+    if args.shard_weights:
+        check_weight_sharding(layout)
+    return layout
+
+
+def check_weight_sharding(layout: GangLayout) -> None:
+    """`--shard-weights` splits the blocks across ranks that would each hold them whole (sharded_weights.py)."""
+    if layout.world_size == 1:
+        raise LayoutError("--shard-weights shards the blocks across a gang's ranks: give --devices 2 or more")
+    if layout.tp > 1:
+        # TP ranks hold different slices already; sharding each slice over its replicas is not built (nor tested).
+        raise LayoutError(f"--shard-weights with --tp {layout.tp}: not available; tensor parallelism already "
+                          "splits the weights (use --tp or --shard-weights, not both)")
 
 
 def check_layout_for_model(layout: GangLayout, args: argparse.Namespace) -> None:

@@ -52,7 +52,8 @@ async def serve_gang_rank(spec: StageSpec, args: argparse.Namespace, rank: int, 
         gang = await asyncio.to_thread(Gang, layout, platform, rank, local_rank,
                                        datetime.timedelta(seconds=args.gang_timeout))
         platform.share_host(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-        engine = await asyncio.to_thread(gang_engine, model, platform, dtype, gang, compile_from_args(args))
+        engine = await asyncio.to_thread(gang_engine, model, platform, dtype, gang, compile_from_args(args),
+                                         args.shard_weights)
     except (LayoutError, RuntimeError, OSError, ValueError) as error:
         raise StartupError(str(error)) from error
     await asyncio.to_thread(gang.barrier)      # READY: every rank loaded before the leader reports SERVING
