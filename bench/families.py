@@ -12,6 +12,11 @@ time per step, peak device memory of the pipeline and of each stage's process, a
     python bench/families.py --family flux --model /tmp/flux --size 1024x1024 --steps 50 --guidance 3.5
     python bench/family_shapes.py wan-i2v-14b /tmp/wan-i2v --device cuda
     python bench/families.py --family wan-i2v --model /tmp/wan-i2v --size 832x480 --frames 81 --steps 4
+    python bench/wan_shapes_model.py /tmp/wan13 --device cuda
+    python bench/families.py --family wan-t2v --model /tmp/wan13 --size 832x480 --frames 81 --steps 50 --guidance 5 \
+        --mesh-flags="--compile --warmup-sizes 832x480x81"
+
+`--mesh-flags` go to `diffmesh up` (a compiled denoiser, say); the pipeline runs as diffusers ships it, eager.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import os
 import pathlib
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -111,23 +117,25 @@ class Case:
             pixels = np.random.default_rng(0).integers(0, 256, (self.height, self.width, 3), dtype=np.uint8)
             self.image = encode_png(Image.fromarray(pixels))
 
-    def request(self, return_frames: bool) -> gateway_pb2.GenerateRequest:
+    def request(self, return_frames: bool, cached: bool = False) -> gateway_pb2.GenerateRequest:
         a = self.args
         fields = dict(prompt=PROMPT, seed=a.seed, width=self.width, height=self.height, num_inference_steps=a.steps,
                       guidance_scale=a.guidance, return_frames=return_frames)
         if a.family == "flux":
             fields.update(format=decoder_pb2.MEDIA_FORMAT_PNG)
         else:
-            fields.update(negative_prompt=NEGATIVE, num_frames=a.frames, image=self.image,
-                          format=decoder_pb2.MEDIA_FORMAT_MP4)
-        if a.cache:      # step caching on the mesh's side only: the pipeline runs uncached, the reference
+            fields.update(negative_prompt=NEGATIVE, num_frames=a.frames, format=decoder_pb2.MEDIA_FORMAT_MP4)
+            if self.image is not None:
+                fields.update(image=self.image)
+        if cached:      # step caching on the mesh's side only: the pipeline runs uncached, the reference
             method, _, threshold = a.cache.partition(":")
             fields.update(cache=denoiser_pb2.CacheConfig(method=method, **(
                 {"threshold": float(threshold)} if threshold else {})))
         return gateway_pb2.GenerateRequest(**fields)
 
     def pipeline(self, device: torch.device):
-        cls = diffusers.FluxPipeline if self.args.family == "flux" else diffusers.WanImageToVideoPipeline
+        cls = {"flux": diffusers.FluxPipeline, "wan-i2v": diffusers.WanImageToVideoPipeline,
+               "wan-t2v": diffusers.WanPipeline}[self.args.family]
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16     # what the mesh's --dtype auto takes
         pipe = cls.from_pretrained(self.args.model, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -153,8 +161,9 @@ class Case:
                       guidance_scale=a.guidance, output_type="np", latents=latents.to(pipe.device))
         if a.family == "flux":
             return np.asarray(pipe(**common).images)[:, None]                       # [n, 1, H, W, 3]
-        return pipe(**common, image=Image.open(io.BytesIO(self.image)), negative_prompt=NEGATIVE,
-                    num_frames=a.frames).frames
+        if self.image is not None:
+            common.update(image=Image.open(io.BytesIO(self.image)))
+        return pipe(**common, negative_prompt=NEGATIVE, num_frames=a.frames).frames
 
 
 def timed_mesh_run(client: GatewayClient, request: gateway_pb2.GenerateRequest) -> dict:
@@ -178,9 +187,27 @@ def timed_mesh_run(client: GatewayClient, request: gateway_pb2.GenerateRequest) 
             "result": result}
 
 
+def stage_medians(runs: list[dict]) -> dict[str, float]:
+    return {key: round(statistics.median(r[key] for r in runs), 4)
+            for key in ("encode_s", "denoise_s", "step_median_s", "decode_and_media_s", "to_client_s")}
+
+
+def cached_report(runs: list[dict], frames: np.ndarray, uncached: np.ndarray, reference: np.ndarray,
+                  uncached_s: float, pipeline_s: float) -> dict:
+    """The cached requests' times, and their frames against the mesh's uncached ones and the pipeline's."""
+    total = statistics.median(r["total_s"] for r in runs)
+    return {"mesh_s": round(total, 3), "speedup_over_uncached_mesh": round(uncached_s / total, 3),
+            "speedup_over_diffusers": round(pipeline_s / total, 3),
+            "against_uncached_mesh": {"max_abs_frame_diff": float(np.abs(frames - uncached).max()),
+                                      "psnr_db": psnr(frames, uncached)},
+            "against_diffusers": {"max_abs_frame_diff": float(np.abs(frames - reference).max()),
+                                  "psnr_db": psnr(frames, reference)},
+            "stages_median_s": stage_medians(runs), "runs_s": [round(r["total_s"], 3) for r in runs]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["flux", "wan-i2v"], required=True)
+    parser.add_argument("--family", choices=["flux", "wan-i2v", "wan-t2v"], required=True)
     parser.add_argument("--model", required=True, help="model directory (bench/family_shapes.py writes one)")
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT")
     parser.add_argument("--frames", type=int, default=81)
@@ -189,7 +216,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cache", default="", metavar="METHOD[:THRESHOLD]",
-                        help="step caching for the mesh's requests (e.g. magcache:0.06); the pipeline stays uncached")
+                        help="step caching (e.g. magcache:0.06) for a second set of the mesh's requests, after "
+                        "the uncached ones; the pipeline stays uncached")
+    parser.add_argument("--mesh-flags", default="", metavar="FLAGS",
+                        help="more flags for `diffmesh up`, e.g. \"--compile --warmup-sizes 1024x1024\"")
     parser.add_argument("--label", default="", help="added to the results file's name")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to smoke-test the script on a tiny model")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -201,7 +231,7 @@ def main() -> int:
 
     with GpuMemorySampler() as sampler:
         # The mesh first, so the pipeline's weights are not in this process's memory while the stages load.
-        mesh = start_mesh(pathlib.Path(args.model), ["--device", device.type])
+        mesh = start_mesh(pathlib.Path(args.model), ["--device", device.type, *shlex.split(args.mesh_flags)])
         pids = stage_pids()
         client = GatewayClient(mesh.grpc_address)
         try:
@@ -211,7 +241,19 @@ def main() -> int:
         except grpc.RpcError as error:
             print(f"mesh request failed: {error.code().name}: {error.details()}", file=sys.stderr)
             stop_mesh(mesh)
+            if os.environ.get("DIFFMESH_BENCH_MESH_LOG"):
+                pathlib.Path(os.environ["DIFFMESH_BENCH_MESH_LOG"]).write_text("".join(mesh.log))
             return 1
+        cached_frames, cached_runs, cached_error = None, [], None
+        if args.cache:      # the same mesh, same seed: cached against uncached with nothing else changed
+            try:
+                check = timed_mesh_run(client, case.request(return_frames=True, cached=True))
+                cached_frames = check["result"].tensors["frames"].numpy()
+                cached_runs = [timed_mesh_run(client, case.request(return_frames=False, cached=True))
+                               for _ in range(args.repeats)]
+            except grpc.RpcError as error:      # reported; the uncached figures still stand
+                cached_error = f"{error.code().name}: {error.details()}"
+                print(f"cached mesh request failed: {cached_error}", file=sys.stderr)
         stage_peaks = {stage: sampler.peaks.get(pid) for stage, pid in pids.items()}
         client.close()
         stop_mesh(mesh)
@@ -241,18 +283,19 @@ def main() -> int:
         "python": platform.python_version(), "torch": torch.__version__,
         "diffusers": diffusers.__version__, "grpcio": grpc.__version__, "model": pathlib.Path(args.model).name,
         "weights": "random, bfloat16, at the real model's shapes (bench/family_shapes.py: text encoders 2 layers)",
-        "size": args.size, "frames": args.frames if args.family == "wan-i2v" else 1, "steps": args.steps,
+        "size": args.size, "frames": 1 if args.family == "flux" else args.frames, "steps": args.steps,
         "guidance_scale": args.guidance, "repeats": args.repeats, "mesh_step_cache": args.cache or None,
+        "mesh_flags": args.mesh_flags or None,
         "outputs": {"shape": list(mesh_frames.shape),
                     "max_abs_frame_diff": float(np.abs(mesh_frames - reference).max()),
                     "psnr_db": psnr(mesh_frames, reference),
                     "identical": bool(np.array_equal(mesh_frames, reference))},
         "mesh_s": round(mesh_total, 3), "diffusers_s": round(pipe_total, 3),
         "mesh_over_diffusers": round(mesh_total / pipe_total, 4),
-        "mesh_stages_median_s": {key: round(statistics.median(r[key] for r in mesh_runs), 4)
-                                 for key in ("encode_s", "denoise_s", "step_median_s", "decode_and_media_s",
-                                             "to_client_s")},
+        "mesh_stages_median_s": stage_medians(mesh_runs),
         "mesh_runs_s": [round(r["total_s"], 3) for r in mesh_runs],
+        **({"mesh_cached": cached_report(cached_runs, cached_frames, mesh_frames, reference, mesh_total, pipe_total)}
+           if cached_runs else {"mesh_cached_error": cached_error} if args.cache else {}),
         "diffusers_runs_s": [round(r, 3) for r in pipe_runs],
         "peak_memory_gib": {"diffusers_pipeline_allocated": None if pipe_peak_gib is None else round(pipe_peak_gib, 2),
                             **{f"mesh_{stage}_process": None if mib is None else round(mib / 1024, 2)

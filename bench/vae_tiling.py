@@ -43,6 +43,10 @@ def main() -> int:
         AutoencoderKLWan().to(torch.bfloat16).save_pretrained(f"{tmp}/vae")
         pathlib.Path(f"{tmp}/model_index.json").write_text(json.dumps(
             {"_class_name": "WanPipeline", "vae": ["diffusers", "AutoencoderKLWan"]}))
+        # The family's limits read the transformer's patch and rotary sizes: Wan2.1's defaults, no weights.
+        pathlib.Path(f"{tmp}/transformer").mkdir()
+        pathlib.Path(f"{tmp}/transformer/config.json").write_text(json.dumps(
+            {"_class_name": "WanTransformer3DModel", "patch_size": [1, 2, 2], "rope_max_seq_len": 1024}))
         from services.common.models import resolve_model_dir
         from services.decoder.engine import DecodeParams, DecoderEngine
         from services.decoder.tiling import VaeTiling
