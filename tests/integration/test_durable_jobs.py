@@ -19,8 +19,9 @@ from .test_stage_failures import start_gateway
 
 BOUND_S = 120.0
 SMALL = {"prompt": "a cat", "size": "32x32", "num_frames": 5, "num_inference_steps": 1}
-# Slow enough that, two at a time (what the tiny mesh's stages admit), some run and some wait at the kill.
-SLOW = {"prompt": "a slow dog", "size": "32x32", "num_frames": 5, "num_inference_steps": 40}
+# Slow enough that, two at a time (what the tiny mesh's stages admit), some run and some wait at the kill: at 40 steps
+# the first could finish between two polls on a loaded 2-core machine, and the third then start, none left queued.
+SLOW = {"prompt": "a slow dog", "size": "32x32", "num_frames": 5, "num_inference_steps": 150}
 
 
 def rss_bytes(pid: int) -> int:
@@ -89,7 +90,8 @@ def test_gateway_killed_and_restarted_loses_no_job(tmp_path, mesh):
         deadline = time.monotonic() + BOUND_S
         while True:
             videos = [httpx.get(f"{http}/v1/videos/{job_id}", timeout=30).json() for job_id in slow]
-            if any(v["status"] == "in_progress" and v["progress"] > 0 for v in videos):
+            if any(v["status"] == "in_progress" and v["progress"] > 0 for v in videos) and \
+                    any(v["status"] == "queued" for v in videos):
                 break
             assert time.monotonic() < deadline, videos
             time.sleep(0.05)

@@ -22,13 +22,11 @@ import torch
 
 from diffmesh.v1 import denoiser_pb2
 from tests.integration import test_gang, test_gang_wan_variants
-from tests.integration import test_gang_flux as flux
 from tests.integration.test_gang import LAYOUTS, REL_L2_TOLERANCE, REQUESTS, DenoiserProcess, denoise, relative_l2
 
-# The gang tests' fixtures, under these names here: Wan's one-device latents, and FLUX's and the Wan variants' tiny
-# dirs with theirs
-wan_one_device, flux_one_device, variants_one_device = (test_gang.reference, flux.prepared,
-                                                        test_gang_wan_variants.prepared)
+# The gang tests' fixtures, under these names here: Wan's one-device latents, and the Wan variants' tiny dirs
+# with theirs
+wan_one_device, variants_one_device = test_gang.reference, test_gang_wan_variants.prepared
 
 RESIDENT = re.compile(r"(?P<component>transformer(_2)?) sharded over 2 ranks: rank (?P<rank>\d) weights: "
                       r"(?P<resident>\d+) bytes resident of (?P<total>\d+) "
@@ -53,15 +51,9 @@ CACHED = dict(REQUESTS["guided-45-tokens"], num_inference_steps=6,
               cache=denoiser_pb2.CacheConfig(method="first_block", threshold=0.5))
 
 
-def wan_requests(stub, cached: bool = True) -> dict[str, torch.Tensor]:
-    """The gang tests' requests, and (not under --compile, which refuses caching) a step-cached one."""
-    requests = {**REQUESTS, **({"cached": CACHED} if cached else {})}
-    return {name: denoise(stub, params)[0] for name, params in requests.items()}
-
-
-def flux_requests(stub) -> dict[str, torch.Tensor]:
-    return {name: flux.denoise(stub, name, params, flux.conditioning(params["seed"], negative))[0]
-            for name, (params, negative) in flux.REQUESTS.items()}
+def wan_requests(stub) -> dict[str, torch.Tensor]:
+    """The gang tests' requests, and a step-cached one."""
+    return {name: denoise(stub, params)[0] for name, params in {**REQUESTS, "cached": CACHED}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -84,34 +76,21 @@ def assert_each_rank_holds_half_the_blocks(log: str, components: tuple[str, ...]
         assert counts["total"] - counts["resident"] == counts["blocks_total"] - counts["blocks"]  # the rest: whole
 
 
-@pytest.mark.parametrize("layout,compiled", [("ulysses2", False), ("cfg2", False), ("ulysses2", True)],
-                         ids=["ulysses2", "cfg2", "ulysses2-compiled"])
-def test_a_sharded_wan_gang_returns_the_unsharded_gangs_latents_bit_for_bit(model_dir, tmp_path, wan_one_device,
-                                                                           unsharded, layout, compiled):
-    flags = [*LAYOUTS[layout], "--shard-weights", *(["--compile"] if compiled else [])]
-    latents, log = serve(model_dir, tmp_path, flags, functools.partial(wan_requests, cached=not compiled),
-                         env=EAGER_COMPILE if compiled else None)
+# One layout through `serve denoiser --devices 2`, compiled and with a cached request: what sharding meets on the way
+# (the gang's launcher, compiled blocks, cache hooks on FSDP's block class). CFG-2 and FLUX, sharded against
+# unsharded, run in tests/unit/test_sharded_weights.py on real gloo ranks too.
+def test_a_sharded_compiled_wan_gang_returns_the_unsharded_gangs_latents_bit_for_bit(model_dir, tmp_path,
+                                                                                    wan_one_device, unsharded):
+    flags = [*LAYOUTS["ulysses2"], "--shard-weights", "--compile"]
+    latents, log = serve(model_dir, tmp_path, flags, wan_requests, env=EAGER_COMPILE)
     for name in latents:
-        assert torch.equal(latents[name], unsharded(layout)[name]), f"{layout} {name}"
+        assert torch.equal(latents[name], unsharded("ulysses2")[name]), name
     for name in REQUESTS:
         error = relative_l2(latents[name], wan_one_device[name])
-        assert error <= REL_L2_TOLERANCE, f"{layout} {name}: relative L2 error {error:.2e}"
-    if not compiled:
-        assert re.search(r"step cache first_block.*: skipped [1-9]\d* of", log), "the cached request skipped nothing"
+        assert error <= REL_L2_TOLERANCE, f"{name}: relative L2 error {error:.2e}"
+    assert re.search(r"step cache first_block.*: skipped [1-9]\d* of", log), "the cached request skipped nothing"
     assert_each_rank_holds_half_the_blocks(log)
-    if compiled:
-        assert "compiling WanTransformer3DModel's WanTransformerBlock blocks (eager" in log
-
-
-def test_a_sharded_flux_gang_returns_the_unsharded_gangs_latents(flux_one_device, tmp_path):
-    model_dir, reference = flux_one_device("flux")
-    whole, _ = serve(model_dir, tmp_path, LAYOUTS["ulysses2"], flux_requests)
-    latents, log = serve(model_dir, tmp_path, [*LAYOUTS["ulysses2"], "--shard-weights"], flux_requests)
-    for name in flux.REQUESTS:
-        assert relative_l2(latents[name], whole[name]) <= 1e-6, name        # rounding of the last bit only
-        error = relative_l2(latents[name], reference[name])
-        assert error <= REL_L2_TOLERANCE, f"flux {name}: relative L2 error {error:.2e}"
-    assert_each_rank_holds_half_the_blocks(log)
+    assert "compiling WanTransformer3DModel's WanTransformerBlock blocks (eager" in log
 
 
 def test_a_sharded_wan22_gang_shards_both_experts(variants_one_device, tmp_path):

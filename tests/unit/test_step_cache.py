@@ -216,7 +216,7 @@ CACHES = [("wan", StepCache("first_block", threshold=2.0)), ("wan", TAYLORSEER),
 
 
 @pytest.mark.parametrize("family, cache, backend", [(family, cache, backend) for family, cache in CACHES
-                                                    for backend in (None, "eager", "aot_eager")]
+                                                    for backend in (None, "aot_eager")]
                          + [("wan", TAYLORSEER, "inductor")])     # None: eager blocks
 def test_a_finished_cached_request_leaves_none_of_its_cache_state_allocated(family, cache, backend, request,
                                                                             no_cyclic_collector):
