@@ -46,6 +46,9 @@ def _inputs(family: str, config) -> dict:
                 txt_ids=torch.zeros(7, 3))
 
 
+LIVE_SLACK_BYTES = 32768
+
+
 def _live_tensor_bytes() -> int:
     """Every tensor storage alive in this process, each counted once."""
     storages = {}
@@ -182,13 +185,14 @@ def test_each_rank_holds_half_the_blocks_between_forwards(results, family, layou
         assert at_start.blocks_resident <= 0.55 * at_start.blocks_total
         assert at_start.resident - at_start.blocks_resident == at_start.total - at_start.blocks_total  # the rest
         # Every tensor in the process: two forwards leave no more behind than the whole model's do (FLUX's rotary
-        # cache, in both), so no gathered block is kept ...
+        # cache, in both), so no gathered block is kept
         before, after_forwards = result["live_sharded"]
         whole_before, whole_after = result["live_whole"]
-        assert after_forwards - before == whole_after - whole_before
-        # ... and the sharded model's process holds about half the blocks' bytes less than the whole model's.
-        saved = whole_before - before
-        assert abs(saved - (at_start.blocks_total - at_start.blocks_resident)) <= 0.05 * at_start.blocks_total
+        # (within LIVE_SLACK_BYTES: process-wide counts move by up to ~12 KB from run to run, which one gathered block
+        # of these tiny models, 80 KB or more, is far above)
+        assert after_forwards - before <= max(whole_after - whole_before, 0) + LIVE_SLACK_BYTES
+        # (What each rank holds is counted from its registered parameters above: process-wide counts before the
+        # forwards moved by up to 63 KB between CI runs, too much to measure half a tiny model's blocks by.)
 
 
 # The flags ---------------------------------------------------------------------------------------------------------
