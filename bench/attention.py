@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from services.common.attention import EXTERNAL_KERNELS, SDPA_KERNELS, resolve_attention  # noqa: E402
+from services.common.attention import EXTERNAL_KERNELS, FLASH_IMPLS, SDPA_KERNELS, resolve_attention  # noqa: E402
 from services.common.platform import set_platform  # noqa: E402
 
 # name -> (query tokens, key tokens, heads, head dim)
@@ -66,7 +66,7 @@ def timed(fn, warmup: int, iters: int) -> float:
 
 def candidates(platform) -> list[str]:
     names = ["native", *(name for name in SDPA_KERNELS if name not in ("math", "overrideable"))]
-    for name in EXTERNAL_KERNELS:
+    for name in (*EXTERNAL_KERNELS, *FLASH_IMPLS):
         try:
             resolve_attention(platform, name)
             names.append(name)
@@ -128,7 +128,9 @@ def bench_forward(platform, device, iters: int) -> dict:
     model, inputs = wan_1_3b_at_480p(device)
     results = {}
     with torch.inference_mode():
-        for backend in ["native", *(name for name in SDPA_KERNELS if name not in ("math", "overrideable"))]:
+        # PyTorch's SDPA kernels, and any installed replacement of its flash kernel (SDPA calls take it too).
+        for backend in ["native", *(name for name in SDPA_KERNELS if name not in ("math", "overrideable")),
+                        *(name for name in candidates(platform) if name in FLASH_IMPLS)]:
             choice = resolve_attention(platform, backend)
 
             def run():

@@ -323,7 +323,10 @@ def main() -> int:
                   "decoder's own phase totals over the run."
                   + (" SMOKE: tiny shapes, nothing here says anything about speed." if smoke else "")),
     }
-    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"media-{platform.kind}-{report['date']}.json")
+    name = f"media-{platform.kind}-{report['date']}.json"
+    out = pathlib.Path(args.out or ROOT / "bench" / "results" / name)
+    if out.is_dir():        # a folder: the file goes in it under its usual name
+        out = out / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for name, result in results.items():

@@ -9,6 +9,9 @@ Choices:
 - Kernels from other packages, only when installed (never required), run through diffusers' attention dispatcher:
   `flash-attn` (FlashAttention 2), `flash-attn-3` (FlashAttention 3, Hopper), `xformers`, and the lossy `sage`
   (SageAttention: int8/fp8 quantised), which runs only when asked for by name and logs its error at start-up.
+- `flash-attn-4` (FlashAttention 4, the `flash-attn-4` package; Hopper and Blackwell) replaces PyTorch's own flash
+  SDPA kernel through PyTorch's flash-attention registry (`torch.nn.attention.activate_flash_attention_impl`), so
+  every SDPA call takes it, compiled graphs and diffusers' processors included, with nothing to install per model.
 
 Selection: `--attention-backend` flag, else `DIFFMESH_ATTENTION_BACKEND`, else `auto`. Stage code calls `attention()`
 where it would call `F.scaled_dot_product_attention`, runs its forward passes inside `scope()` (so diffusers' own
@@ -54,12 +57,39 @@ class ExternalKernel:
 
 
 EXTERNAL_KERNELS: dict[str, ExternalKernel] = {
-    "flash-attn": ExternalKernel("flash_attn", "flash"),
+    # FlashAttention 2's compiled extension: `flash_attn` alone may be FlashAttention 4's namespace package.
+    "flash-attn": ExternalKernel("flash_attn_2_cuda", "flash"),
     "flash-attn-3": ExternalKernel("flash_attn_interface", "_flash_3"),
     "xformers": ExternalKernel("xformers", "xformers"),
     "sage": ExternalKernel("sageattention", "sage", lossy=True),
 }
-CHOICES = ("auto", "native", *SDPA_KERNELS, *EXTERNAL_KERNELS)
+# Implementations of PyTorch's flash SDPA kernel from other packages: name -> (module that must be importable, the
+# name PyTorch's registry knows it by).
+FLASH_IMPLS: dict[str, tuple[str, str]] = {
+    "flash-attn-4": ("flash_attn.cute.interface", "FA4"),
+}
+CHOICES = ("auto", "native", *SDPA_KERNELS, *EXTERNAL_KERNELS, *FLASH_IMPLS)
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported; a parent package that fails to import counts as not installed."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _use_flash_impl(impl: str | None) -> None:
+    """Make `impl` PyTorch's flash SDPA kernel (None: PyTorch's own). Process-wide, as PyTorch's registry is; a
+    no-op when it already is, so entering a scope per step costs nothing."""
+    registry = torch.nn.attention
+    if not hasattr(registry, "current_flash_attention_impl") or registry.current_flash_attention_impl() == impl:
+        return
+    if impl is None:
+        registry.restore_flash_attention_impl()
+    else:
+        registry.activate_flash_attention_impl(impl)
+        logger.info("PyTorch's flash attention kernel is now %s", impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +97,7 @@ class AttentionChoice:
     name: str
     sdpa_order: tuple[SDPBackend, ...] | None = None     # None: PyTorch's own order
     external: ExternalKernel | None = None
+    flash_impl: str | None = None       # PyTorch's flash SDPA kernel replaced by this registered one
 
     @property
     def lossy(self) -> bool:
@@ -74,6 +105,7 @@ class AttentionChoice:
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Every SDPA call inside takes this choice's kernel first (diffusers' processors included)."""
+        _use_flash_impl(self.flash_impl)
         if self.sdpa_order is None:
             return contextlib.nullcontext()
         return sdpa_kernel(list(self.sdpa_order), set_priority=True)
@@ -108,12 +140,25 @@ def resolve_attention(platform: Platform, requested: str | None = None) -> Atten
     if name == "native":
         return AttentionChoice(name)
     if name in SDPA_KERNELS:
-        first = SDPA_KERNELS[name]
-        return AttentionChoice(name, (first, *(kernel for kernel in _FALLBACK_ORDER if kernel != first)))
+        return AttentionChoice(name, _first(SDPA_KERNELS[name]))
+    if name in FLASH_IMPLS:
+        module, impl = FLASH_IMPLS[name]
+        if not _installed(module):
+            raise ValueError(f"attention backend {name!r} needs the {module!r} module, which is not installed")
+        registry = torch.nn.attention
+        if impl not in getattr(registry, "list_flash_attention_impls", list)():
+            raise ValueError(f"attention backend {name!r} needs a PyTorch whose flash-attention registry offers "
+                             f"{impl!r} (this is {torch.__version__})")
+        return AttentionChoice(name, _first(SDPBackend.FLASH_ATTENTION), flash_impl=impl)
     kernel = EXTERNAL_KERNELS[name]
-    if importlib.util.find_spec(kernel.package) is None:
+    if not _installed(kernel.package):
         raise ValueError(f"attention backend {name!r} needs the {kernel.package!r} package, which is not installed")
     return AttentionChoice(name, external=kernel)
+
+
+def _first(kernel: SDPBackend) -> tuple[SDPBackend, ...]:
+    """`kernel`, then PyTorch's order for the rest (a call it cannot take falls through instead of failing)."""
+    return (kernel, *(other for other in _FALLBACK_ORDER if other != kernel))
 
 
 def probe_error(choice: AttentionChoice, device: torch.device, dtype: torch.dtype) -> float:

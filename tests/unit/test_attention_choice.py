@@ -52,6 +52,54 @@ def test_unknown_or_missing_kernels_fail_naming_them():
     assert resolve_attention.__module__ == "services.common.attention"
 
 
+def test_flash_attention_4_needs_its_package_and_flash_attn_2_is_not_fa4s_namespace(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="'flash-attn-4' needs the 'flash_attn.cute.interface' module"):
+        resolve_attention(PLATFORMS["cpu"], "flash-attn-4")
+    # FlashAttention 4's wheel installs flash_attn/ as a namespace package holding only cute/.
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="'flash-attn' needs the 'flash_attn_2_cuda' package"):
+        resolve_attention(PLATFORMS["cpu"], "flash-attn")
+    choice = resolve_attention(PLATFORMS["cpu"], "flash-attn-4")
+    assert (choice.flash_impl, choice.sdpa_order[0], choice.lossy) == ("FA4", SDPBackend.FLASH_ATTENTION, False)
+
+
+def test_a_flash_impl_choice_activates_it_in_pytorchs_registry_and_others_restore_pytorchs(monkeypatch):
+    """Through PyTorch's real registry, with an implementation registered for the test: the choice's scope makes it
+    PyTorch's flash kernel, and any other choice's scope puts PyTorch's own back (one process, many choices, as
+    bench/attention.py runs them)."""
+    registry = torch.nn.attention
+    activations: list[str] = []
+
+    class Handle:
+        def remove(self) -> None:
+            activations.append("removed")
+
+    def register() -> Handle:
+        activations.append("activated")
+        return Handle()
+
+    registry.register_flash_attention_impl("DIFFMESH_TEST", register_fn=register)
+    monkeypatch.setitem(attention_module.FLASH_IMPLS, "test-flash", ("torch", "DIFFMESH_TEST"))
+    monkeypatch.setattr(attention_module, "CHOICES", (*attention_module.CHOICES, "test-flash"))
+    try:
+        choice = resolve_attention(PLATFORMS["cpu"], "test-flash")
+        with choice.scope():
+            assert registry.current_flash_attention_impl() == "DIFFMESH_TEST"
+            assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.FLASH_ATTENTION)
+        with choice.scope():        # already active: not activated again
+            pass
+        assert activations == ["activated"]
+        with resolve_attention(PLATFORMS["cpu"], "native").scope():
+            assert registry.current_flash_attention_impl() is None
+        assert activations == ["activated", "removed"]
+    finally:
+        registry.restore_flash_attention_impl(_raise_warn=False)
+        registry._registry._FLASH_ATTENTION_IMPLS.pop("DIFFMESH_TEST", None)
+
+
 @pytest.mark.parametrize("name", ["native", "math", "flash"])
 def test_every_cpu_choice_computes_attention(name):
     q, k, v = (torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
