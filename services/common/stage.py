@@ -34,8 +34,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser, default_port: int) -> a
                         help="weights dtype (auto: float32 on cpu, bfloat16 on accelerators)")
     parser.add_argument("--attention-backend", default="auto", metavar="NAME",
                         help="attention kernel of the transformer: auto (the platform's), native, cudnn, flash, "
-                        "efficient, math, overrideable, or if installed flash-attn, flash-attn-3, flash-attn-4, xformers, "
-                        "sage (lossy)")
+                        "efficient, math, overrideable, or if installed flash-attn, flash-attn-3, flash-attn-4, "
+                        "xformers, sage (lossy)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the one running")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     parser.add_argument("--port-file", default=None,
