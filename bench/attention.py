@@ -93,7 +93,7 @@ def bench_shape(platform, name: str, shape: tuple[int, int, int, int], device, i
             with choice.scope():
                 out = choice(q, k, v)
                 ms = timed(functools.partial(choice, q, k, v), warmup=3, iters=iters)
-        except RuntimeError as error:     # e.g. no kernel of that kind for this shape on this device
+        except (RuntimeError, ValueError) as error:     # e.g. no kernel for this shape, or a package's glue fails
             results[backend] = {"error": str(error).splitlines()[0][:200]}
             continue
         err = float((out[:, :REFERENCE_HEADS, rows].float() - reference).abs().max())
@@ -139,7 +139,7 @@ def bench_forward(platform, device, iters: int) -> dict:
 
             try:
                 ms = timed(run, warmup=2, iters=iters)
-            except RuntimeError as error:
+            except (RuntimeError, ValueError) as error:
                 results[backend] = {"error": str(error).splitlines()[0][:200]}
                 continue
             results[backend] = {"ms": round(ms, 2)}
