@@ -25,7 +25,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 
 from bench.attention import timed, wan_1_3b_at_480p  # noqa: E402
-from services.common.attention import current_attention  # noqa: E402
+from services.common.attention import set_attention  # noqa: E402
 from services.common.platform import set_platform  # noqa: E402
 from services.denoiser.compile import CompileOptions, compile_blocks  # noqa: E402
 
@@ -35,14 +35,17 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--mode", default=None, help="torch.compile mode (default: its default)")
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--attention-backend", default=None,
+                        help="as the denoiser's flag (default: the platform's choice)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     platform = set_platform(args.device)
     device = platform.device(0)
+    attention = set_attention(platform, args.attention_backend)
     model, inputs = wan_1_3b_at_480p(device)
 
     def forward() -> torch.Tensor:
-        with current_attention().scope():
+        with attention.scope():
             return model(**inputs, return_dict=False)[0]
 
     with torch.inference_mode():
@@ -59,14 +62,16 @@ def main() -> int:
         "benchmark": "regionally compiled Wan2.1-1.3B transformer vs eager, one forward at 480x832x81",
         "date": datetime.date.today().isoformat(), "device": platform.device_name(0),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-        "mode": args.mode or "default",
+        "mode": args.mode or "default", "attention_backend": attention.name,
         "eager_forward_ms": round(eager_ms, 2), "compiled_forward_ms": round(compiled_ms, 2),
         "speedup": round(eager_ms / compiled_ms, 3), "first_compiled_call_s": round(compile_s, 1),
         "max_abs_difference": float(diff.abs().max()),
         "relative_l2_difference": float(diff.norm() / eager_out.float().norm()),
-        "notes": "random bf16 weights; attention as the platform default picks it; difference of bf16 outputs",
+        "notes": "random bf16 weights; attention as --attention-backend (or the platform default) picks it; "
+                 "difference of bf16 outputs",
     }
-    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"compile-{platform.kind}-{report['date']}.json")
+    label = "" if args.attention_backend is None else f"-{attention.name}"
+    out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"compile-{platform.kind}-{report['date']}{label}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0

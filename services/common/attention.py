@@ -11,7 +11,11 @@ Choices:
   (SageAttention: int8/fp8 quantised), which runs only when asked for by name and logs its error at start-up.
 - `flash-attn-4` (FlashAttention 4, the `flash-attn-4` package; Hopper and Blackwell) replaces PyTorch's own flash
   SDPA kernel through PyTorch's flash-attention registry (`torch.nn.attention.activate_flash_attention_impl`), so
-  every SDPA call takes it, compiled graphs and diffusers' processors included, with nothing to install per model.
+  every SDPA call takes it, compiled graphs and diffusers' processors included, with nothing to install per model
+  (PyTorch's own glue, pointed at `fa4_glue` so any flash-attn-4 release fits it).
+
+A named SDPA kernel is called as its own op where it takes the call (DIRECT_KERNELS), so a compiled graph runs the
+kernel it was chosen for, whatever was traced or cached before.
 
 Selection: `--attention-backend` flag, else `DIFFMESH_ATTENTION_BACKEND`, else `auto`. Stage code calls `attention()`
 where it would call `F.scaled_dot_product_attention`, runs its forward passes inside `scope()` (so diffusers' own
@@ -25,12 +29,13 @@ import dataclasses
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from services.common import fa4_glue
 from services.common.platform import Platform
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,53 @@ _FALLBACK_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, S
                    SDPBackend.CUDNN_ATTENTION, SDPBackend.OVERRIDEABLE)
 
 
+
+def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0]
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+
+
+def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
+
+
+def _flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v)[0]
+
+
+# The kernel a named SDPA choice stands for, called as its own op wherever it can take the call. A compiled graph
+# keeps the kernel F.scaled_dot_product_attention picked while it was traced: no guard re-checks the SDPA settings,
+# and the compiled artifacts PyTorch caches (in the process and on disk) are not keyed on them either. Measured on
+# an H200 with --compile: `cudnn` ran PyTorch's flash kernel after an earlier run had traced under flash, and
+# `flash-attn-4` ran cuDNN's when warmed up at start-up. Naming the op puts the choice in the graph itself.
+# Keyed by (device type, SDPA_KERNELS name): plain strings, which compiled graphs' guards can name.
+DIRECT_KERNELS: dict[tuple[str, str], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    ("cuda", "cudnn"): _cudnn,
+    ("cuda", "flash"): _flash,
+    ("cuda", "efficient"): _efficient,
+    ("cuda", "math"): _math,
+    ("cpu", "flash"): _flash_cpu,
+    ("cpu", "math"): _math,
+}
+
+
+def _direct_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """Whether every direct kernel of the query's device takes this call: no mask, [B, heads, tokens, dim], one
+    dtype, and on CUDA half precision with a head size the fused kernels all take (else SDPA's own dispatch)."""
+    if attn_mask is not None or query.dim() != 4 or not query.dtype == key.dtype == value.dtype:
+        return False
+    if query.device.type == "cuda":
+        head_dim = query.shape[-1]
+        return query.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 128
+    return query.device.type == "cpu"
+
 @dataclasses.dataclass(frozen=True)
 class ExternalKernel:
     package: str          # the module that must be importable
@@ -63,10 +115,18 @@ EXTERNAL_KERNELS: dict[str, ExternalKernel] = {
     "xformers": ExternalKernel("xformers", "xformers"),
     "sage": ExternalKernel("sageattention", "sage", lossy=True),
 }
-# Implementations of PyTorch's flash SDPA kernel from other packages: name -> (module that must be importable, the
-# name PyTorch's registry knows it by).
-FLASH_IMPLS: dict[str, tuple[str, str]] = {
-    "flash-attn-4": ("flash_attn.cute.interface", "FA4"),
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashImpl:
+    """An implementation of PyTorch's flash SDPA kernel from another package."""
+    module: str                                  # must be importable
+    impl: str                                    # the name PyTorch's registry knows it by
+    offer: Callable[[], object] | None = None    # puts `impl` in the registry, when PyTorch does not itself
+
+
+FLASH_IMPLS: dict[str, FlashImpl] = {
+    "flash-attn-4": FlashImpl(fa4_glue.FA4_MODULE, fa4_glue.REGISTRY_NAME, fa4_glue.offer),
 }
 CHOICES = ("auto", "native", *SDPA_KERNELS, *EXTERNAL_KERNELS, *FLASH_IMPLS)
 
@@ -98,6 +158,7 @@ class AttentionChoice:
     sdpa_order: tuple[SDPBackend, ...] | None = None     # None: PyTorch's own order
     external: ExternalKernel | None = None
     flash_impl: str | None = None       # PyTorch's flash SDPA kernel replaced by this registered one
+    kernel: str | None = None           # the SDPA_KERNELS name called directly where it can be (DIRECT_KERNELS)
 
     @property
     def lossy(self) -> bool:
@@ -121,6 +182,9 @@ class AttentionChoice:
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of [B, heads, tokens, dim] tensors, as F.scaled_dot_product_attention takes them."""
         if self.external is None:
+            direct = DIRECT_KERNELS.get((query.device.type, self.kernel)) if self.kernel else None
+            if direct is not None and _direct_takes(query, key, value, attn_mask):
+                return direct(query, key, value)
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
         from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
@@ -140,16 +204,18 @@ def resolve_attention(platform: Platform, requested: str | None = None) -> Atten
     if name == "native":
         return AttentionChoice(name)
     if name in SDPA_KERNELS:
-        return AttentionChoice(name, _first(SDPA_KERNELS[name]))
+        return AttentionChoice(name, _first(SDPA_KERNELS[name]), kernel=name)
     if name in FLASH_IMPLS:
-        module, impl = FLASH_IMPLS[name]
-        if not _installed(module):
-            raise ValueError(f"attention backend {name!r} needs the {module!r} module, which is not installed")
+        flash = FLASH_IMPLS[name]
+        if not _installed(flash.module):
+            raise ValueError(f"attention backend {name!r} needs the {flash.module!r} module, which is not installed")
+        if flash.offer is not None:
+            flash.offer()
         registry = torch.nn.attention
-        if impl not in getattr(registry, "list_flash_attention_impls", list)():
-            raise ValueError(f"attention backend {name!r} needs a PyTorch whose flash-attention registry offers "
-                             f"{impl!r} (this is {torch.__version__})")
-        return AttentionChoice(name, _first(SDPBackend.FLASH_ATTENTION), flash_impl=impl)
+        if flash.impl not in getattr(registry, "list_flash_attention_impls", list)():
+            raise ValueError(f"attention backend {name!r} needs a PyTorch whose flash-attention registry can take "
+                             f"{flash.impl!r} (this is {torch.__version__})")
+        return AttentionChoice(name, _first(SDPBackend.FLASH_ATTENTION), flash_impl=flash.impl, kernel="flash")
     kernel = EXTERNAL_KERNELS[name]
     if not _installed(kernel.package):
         raise ValueError(f"attention backend {name!r} needs the {kernel.package!r} package, which is not installed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -63,7 +64,8 @@ def test_flash_attention_4_needs_its_package_and_flash_attn_2_is_not_fa4s_namesp
     with pytest.raises(ValueError, match="'flash-attn' needs the 'flash_attn_2_cuda' package"):
         resolve_attention(PLATFORMS["cpu"], "flash-attn")
     choice = resolve_attention(PLATFORMS["cpu"], "flash-attn-4")
-    assert (choice.flash_impl, choice.sdpa_order[0], choice.lossy) == ("FA4", SDPBackend.FLASH_ATTENTION, False)
+    assert (choice.flash_impl, choice.sdpa_order[0], choice.lossy) == ("diffmesh-FA4", SDPBackend.FLASH_ATTENTION,
+                                                                      False)
 
 
 def test_a_flash_impl_choice_activates_it_in_pytorchs_registry_and_others_restore_pytorchs(monkeypatch):
@@ -82,7 +84,8 @@ def test_a_flash_impl_choice_activates_it_in_pytorchs_registry_and_others_restor
         return Handle()
 
     registry.register_flash_attention_impl("DIFFMESH_TEST", register_fn=register)
-    monkeypatch.setitem(attention_module.FLASH_IMPLS, "test-flash", ("torch", "DIFFMESH_TEST"))
+    monkeypatch.setitem(attention_module.FLASH_IMPLS, "test-flash",
+                        attention_module.FlashImpl("torch", "DIFFMESH_TEST"))
     monkeypatch.setattr(attention_module, "CHOICES", (*attention_module.CHOICES, "test-flash"))
     try:
         choice = resolve_attention(PLATFORMS["cpu"], "test-flash")
@@ -100,6 +103,33 @@ def test_a_flash_impl_choice_activates_it_in_pytorchs_registry_and_others_restor
         registry._registry._FLASH_ATTENTION_IMPLS.pop("DIFFMESH_TEST", None)
 
 
+def test_pytorchs_fa4_glue_takes_any_flash_attn_4_release_through_diffmesh_s_adapter(monkeypatch):
+    """PyTorch's FA4 glue unpacks `_flash_attn_fwd` as (out, lse); flash-attn-4 from 4.0.0b19 returns five values.
+    With a stand-in FA4 module of today's shape, the adapter PyTorch's glue is pointed at hands it the pair."""
+    fa4_glue = pytest.importorskip("services.common.fa4_glue")
+    torch_glue = pytest.importorskip("torch.nn.attention._fa4")
+    calls = []
+
+    def fa4_forward(query, key, value, **kwargs):
+        calls.append(kwargs["return_lse"])
+        return query * 2, torch.ones(3), None, None, None     # out, lse, p, row_max, o_lo
+
+    interface = type(sys)("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = fa4_forward, lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, fa4_glue.FA4_MODULE, interface)
+    registry = torch.nn.attention
+    assert fa4_glue.offer() and fa4_glue.REGISTRY_NAME in registry.list_flash_attention_impls()
+    try:
+        registry.activate_flash_attention_impl(fa4_glue.REGISTRY_NAME)
+        query = torch.randn(1, 4, 2, 8)
+        out, lse = torch_glue._fa4_run_forward(query, query, query, None, None, None, None, None, False, None, None,
+                                               None)
+        torch.testing.assert_close(out, query * 2)
+        assert lse.shape == (3,) and calls == [True]
+    finally:
+        registry.restore_flash_attention_impl(_raise_warn=False)
+
+
 @pytest.mark.parametrize("name", ["native", "math", "flash"])
 def test_every_cpu_choice_computes_attention(name):
     q, k, v = (torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
@@ -107,6 +137,40 @@ def test_every_cpu_choice_computes_attention(name):
     with choice.scope():
         got = choice(q, k, v)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_graph_names_the_chosen_kernel_whatever_was_traced_before():
+    """A graph traced through F.scaled_dot_product_attention keeps whatever kernel tracing picked (here not even the
+    scope's first choice: tracing ignores the priority order) and no guard retraces it under another choice; a named
+    choice puts its own op in the graph instead."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    traced: list[set[str]] = []
+
+    def recording_backend(graph_module, example_inputs):
+        def forward_compiler(graph, inputs):
+            traced.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
+            return graph
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=forward_compiler)
+
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    plain = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), backend=recording_backend)
+    with torch.inference_mode():
+        with resolve_attention(PLATFORMS["cpu"], "math").scope():
+            plain(q, k, v)
+        with resolve_attention(PLATFORMS["cpu"], "flash").scope():
+            plain(q, k, v)
+    assert len(traced) == 1 and "aten.bmm.default" not in traced[0]   # not math's kernel, and one graph for both
+    for name, op in (("flash", "aten._scaled_dot_product_flash_attention_for_cpu.default"),
+                     ("math", "aten.bmm.default")):                  # math's op traces into its matmuls
+        torch._dynamo.reset()
+        traced.clear()
+        choice = resolve_attention(PLATFORMS["cpu"], name)
+        with torch.inference_mode(), choice.scope():
+            got = torch.compile(lambda q, k, v: choice(q, k, v), backend=recording_backend)(q, k, v)
+        assert any(op in graph for graph in traced), (name, traced)
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_the_denoiser_runs_the_chosen_kernel(tmp_path, monkeypatch):
