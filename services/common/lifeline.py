@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -40,6 +41,40 @@ def end_with_parent(signum: int = signal.SIGTERM) -> None:
         return
     if not by_kernel:               # (both at once would signal twice, and a second SIGTERM cuts a drain short)
         threading.Thread(target=_watch_parent, args=(parent, signum), name="lifeline", daemon=True).start()
+
+
+def end_with_process(pid: int, signum: int = signal.SIGTERM) -> None:
+    """Get `signum` once process `pid`, which need not be this one's parent, has ended: a gang rank forked by its
+    launcher's forkserver is bound to the launcher this way (the forkserver lives on while any rank does). A Linux
+    pidfd reports the end at once, reaped or not; elsewhere the pid is polled."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:      # it ended before we asked
+        os.kill(os.getpid(), signum)
+        return
+    except (AttributeError, OSError):
+        pidfd = None
+    threading.Thread(target=_watch_process, args=(pid, pidfd, signum), name="lifeline", daemon=True).start()
+
+
+def _watch_process(pid: int, pidfd: int | None, signum: int) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:
+        while _exists(pid):
+            time.sleep(POLL_S)
+    logger.warning("process %d this one serves under is gone: stopping", pid)
+    os.kill(os.getpid(), signum)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _set_parent_death_signal(signum: int) -> bool:

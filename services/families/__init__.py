@@ -8,6 +8,7 @@ model writer in services/common/tiny_model.py and an equality test against its d
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,15 +16,18 @@ if TYPE_CHECKING:
     from services.families.base import Family
 
 
+# Each family's module and class, in the order a model directory is matched against them.
+FAMILY_CLASSES = (("services.families.wan", "WanFamily"), ("services.families.wan_i2v", "WanI2VFamily"),
+                  ("services.families.flux", "FluxFamily"))
+FAMILY_MODULES = tuple(module for module, _ in FAMILY_CLASSES)
+
+
 @functools.cache
 def families() -> tuple[Family, ...]:
     """Every family, imported on first use: the gateway imports this package for `Limits` alone, and the
-    families' diffusers imports cost a process seconds of start-up."""
-    from services.families.flux import FluxFamily
-    from services.families.wan import WanFamily
-    from services.families.wan_i2v import WanI2VFamily
-
-    return (WanFamily(), WanI2VFamily(), FluxFamily())
+    families' diffusers imports cost a process seconds of start-up (a gang's forkserver imports them once for all
+    its ranks: FAMILY_MODULES)."""
+    return tuple(getattr(importlib.import_module(module), name)() for module, name in FAMILY_CLASSES)
 
 
 def __getattr__(name: str):

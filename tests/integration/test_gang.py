@@ -181,6 +181,43 @@ def separate_ranks(model_dir: pathlib.Path, tmp_path: pathlib.Path, extra: list[
                 rank.process.kill()
 
 
+def test_a_launcher_killed_outright_takes_its_ranks_with_it(model_dir, tmp_path):
+    """The ranks fork from the launcher's forkserver, not from the launcher: killed with SIGKILL (no chance to stop
+    them), the launcher still leaves no rank, and no forkserver, behind."""
+    gang = DenoiserProcess(model_dir, tmp_path, ["--devices", "2", "--ulysses", "2"])
+    started = next(line for line in gang.log if "started a gang of 2 processes" in line)
+    ranks = [int(pid) for pid in started.split("pids [", 1)[1].split("]", 1)[0].split(", ")]
+    forkserver = _children(gang.process.pid)
+    assert forkserver, "the launcher started no forkserver"
+    gang.process.kill()
+    gang.process.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_running(pid) for pid in [*ranks, *forkserver]):
+        time.sleep(0.2)
+    assert not [pid for pid in [*ranks, *forkserver] if _running(pid)], "".join(gang.log[-20:])
+    assert any("is gone: stopping" in line for line in gang.log)
+
+
+def _children(parent: int) -> list[int]:
+    children = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return children
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an ended child of a live parent stays listed until reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_gang_of_separately_started_ranks_serves_and_exits_when_a_rank_dies(model_dir, tmp_path, reference):
     """One rank per pod, as a StatefulSet runs it. The worker serves health only; when it dies the leader
     answers UNAVAILABLE naming the stage and exits non-zero so its supervisor restarts the gang."""

@@ -142,7 +142,7 @@ def test_ranks_get_the_environment_the_gang_launcher_gives(tmp_path):
         assert (env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("2", "2")
         assert env["MASTER_ADDR"] == "127.0.0.1"
         assert env["EXTRA"] == "yes"
-        assert env["DIFFMESH_PARENT_PID"] == str(os.getpid())       # the lifeline, as launch_gang's children have
+        assert env["DIFFMESH_PARENT_PID"] == str(os.getpid())       # the lifeline
     assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"] != "1"    # the caller's env cannot break the rendezvous
 
 
