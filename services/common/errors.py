@@ -82,6 +82,20 @@ class Internal(MeshError):
     http_status = 500
 
 
+# A device allocation that failed: the request did not fit in the device memory free at that moment. Another time
+# (fewer requests at once), or a smaller request, may fit: RESOURCE_EXHAUSTED with a retry hint, not INTERNAL.
+OUT_OF_MEMORY_RETRY_S = 5.0
+
+
+def device_out_of_memory(error: BaseException, service: str) -> ResourceExhausted | None:
+    """`error` as the client sees it if it is PyTorch's OutOfMemoryError (CUDA's, XPU's), else None. Matched by name:
+    the gateway shares this module and never imports torch."""
+    if type(error).__name__ != "OutOfMemoryError" or type(error).__module__.split(".")[0] != "torch":
+        return None
+    return ResourceExhausted(f"{service}: out of device memory for this request; retry later, or ask for a smaller "
+                             "size, fewer frames or fewer outputs", retry_after_s=OUT_OF_MEMORY_RETRY_S)
+
+
 # gRPC codes a downstream stage may return, and the error the gateway re-raises for each. Codes that
 # mean "that stage is broken or gone" become Unavailable naming the stage.
 _FROM_GRPC: dict[grpc.StatusCode, type[MeshError]] = {

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from services.common import logs, metrics, tracing
-from services.common.errors import Internal, InvalidArgument, MeshError, ResourceExhausted
+from services.common.errors import Internal, InvalidArgument, MeshError, ResourceExhausted, device_out_of_memory
 from services.common.grpc_guard import (
     DEFAULT_HANDSHAKE_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -115,13 +115,23 @@ def refusal(error: MeshError) -> grpc.Status:
     return status_of(error)
 
 
+def _as_mesh_error(error: BaseException) -> BaseException:
+    """The error the client should see: a MeshError as raised, a device out of memory as RESOURCE_EXHAUSTED (its
+    message and PyTorch's go to the log), anything else as it is (INTERNAL)."""
+    exhausted = device_out_of_memory(error, logs.service_name())
+    if exhausted is not None:
+        logger.warning("%s (%s)", exhausted.message, str(error).splitlines()[0][:300])
+        return exhausted
+    return error
+
+
 def _code_of(error: BaseException) -> str:
     if isinstance(error, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED.name
     return error.grpc_code.name if isinstance(error, MeshError) else grpc.StatusCode.INTERNAL.name
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, request_id: str) -> None:
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, request_id: str) -> None:
     if isinstance(error, MeshError):
         logger.info("request failed: %s %s", error.grpc_code.name, error.message)
         await context.abort_with_status(refusal(error))
@@ -161,6 +171,7 @@ def rpc_method(method: Callable) -> Callable:
                     logger.info("%s cancelled by the client", method.__name__)
                     raise
                 except Exception as error:  # noqa: BLE001 - the boundary: every error becomes a status
+                    error = _as_mesh_error(error)
                     code = _code_of(error)
                     await _abort(context, error, request_id)
                 finally:
@@ -182,6 +193,7 @@ def rpc_method(method: Callable) -> Callable:
                 logger.info("%s cancelled by the client", method.__name__)
                 raise
             except Exception as error:  # noqa: BLE001
+                error = _as_mesh_error(error)
                 code = _code_of(error)
                 await _abort(context, error, request_id)
             finally:

@@ -10,6 +10,7 @@ import re
 
 import grpc
 import pytest
+import torch
 from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
@@ -133,6 +134,10 @@ class EchoingAdmission(admission_pb2_grpc.AdmissionServicer):
     async def GetCapacity(self, request, context):
         if dict(context.invocation_metadata()).get("refuse"):
             raise InvalidArgument("max_queue", "refused for the test")
+        if dict(context.invocation_metadata()).get("out-of-memory"):
+            # PyTorch's own error, as a CUDA or XPU allocation raises it (none can be made to fail on this machine).
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                         "capacity of 139.80 GiB of which 1.20 GiB is free.")
         return admission_pb2.Capacity(concurrency=1, max_queue=2, in_flight=0)
 
 
@@ -150,6 +155,30 @@ async def with_server(client) -> None:
     finally:
         stop.set()
         await serving
+
+
+def test_a_device_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_internal(logging_restored, capsys):
+    """The request did not fit in the device memory free just then: the client gets RESOURCE_EXHAUSTED naming the
+    service and what to change, with RetryInfo (the gateway's 429 + Retry-After); PyTorch's message goes to the log."""
+    logs.configure("unit-oom", fmt="json")
+
+    async def client(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = admission_pb2_grpc.AdmissionStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.GetCapacity(admission_pb2.GetCapacityRequest(), metadata=(("out-of-memory", "1"),))
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert raised.value.details().startswith("unit-oom: out of device memory for this request")
+            assert "Traceback" not in raised.value.details() and "20.00 GiB" not in raised.value.details()
+            status = rpc_status.from_call(raised.value)
+            retry = [detail for detail in status.details if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+            info = error_details_pb2.RetryInfo()
+            assert retry and retry[0].Unpack(info) and info.retry_delay.ToTimedelta().total_seconds() == 5.0
+
+    asyncio.run(with_server(client))
+    records = [json.loads(line) for line in lines_of(capsys)]
+    assert any("Tried to allocate 20.00 GiB" in r["message"] and r["level"] == "WARNING" for r in records), records
+    assert [r["status"] for r in records if r.get("logger") == "diffmesh.access"] == ["RESOURCE_EXHAUSTED"]
 
 
 def test_reflection_v1_and_v1alpha_list_the_services_and_describe_them():
