@@ -12,7 +12,8 @@ Choices:
 - `flash-attn-4` (FlashAttention 4, the `flash-attn-4` package; Hopper and Blackwell) replaces PyTorch's own flash
   SDPA kernel through PyTorch's flash-attention registry (`torch.nn.attention.activate_flash_attention_impl`), so
   every SDPA call takes it, compiled graphs and diffusers' processors included, with nothing to install per model
-  (PyTorch's own glue, pointed at `fa4_glue` so any flash-attn-4 release fits it).
+  (PyTorch's own glue, pointed at `fa4_glue` so any flash-attn-4 release fits it). diffmesh's own attention calls take
+  it from 16,384 keys on and cuDNN's kernel below, where FA4 is slower on an H200.
 
 A named SDPA kernel is called as its own op where it takes the call (DIRECT_KERNELS), so a compiled graph runs the
 kernel it was chosen for, whatever was traced or cached before.
@@ -123,10 +124,16 @@ class FlashImpl:
     module: str                                  # must be importable
     impl: str                                    # the name PyTorch's registry knows it by
     offer: Callable[[], object] | None = None    # puts `impl` in the registry, when PyTorch does not itself
+    short_kernel: str | None = None              # SDPA kernel for sequences shorter than `long_from` key tokens
+    long_from: int = 0
 
 
 FLASH_IMPLS: dict[str, FlashImpl] = {
-    "flash-attn-4": FlashImpl(fa4_glue.FA4_MODULE, fa4_glue.REGISTRY_NAME, fa4_glue.offer),
+    # FA4 is the fastest exact kernel on an H200 only for long sequences (bench/results/attention-cuda-2026-12-02.json:
+    # Wan's 32,760-token self-attention 9.5 ms vs cuDNN's 11.5; FLUX.1's 4,608 tokens 0.52 vs 0.46 ms, Wan's 512-token
+    # cross-attention 0.34 vs 0.21 ms): cuDNN below 16,384 keys.
+    "flash-attn-4": FlashImpl(fa4_glue.FA4_MODULE, fa4_glue.REGISTRY_NAME, fa4_glue.offer, short_kernel="cudnn",
+                              long_from=16384),
 }
 CHOICES = ("auto", "native", *SDPA_KERNELS, *EXTERNAL_KERNELS, *FLASH_IMPLS)
 
@@ -159,6 +166,9 @@ class AttentionChoice:
     external: ExternalKernel | None = None
     flash_impl: str | None = None       # PyTorch's flash SDPA kernel replaced by this registered one
     kernel: str | None = None           # the SDPA_KERNELS name called directly where it can be (DIRECT_KERNELS)
+    # Below `long_from` key tokens, `short_kernel` instead (a kernel fastest only on long sequences, e.g. FA4)
+    short_kernel: str | None = None
+    long_from: int = 0
 
     @property
     def lossy(self) -> bool:
@@ -182,7 +192,8 @@ class AttentionChoice:
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of [B, heads, tokens, dim] tensors, as F.scaled_dot_product_attention takes them."""
         if self.external is None:
-            direct = DIRECT_KERNELS.get((query.device.type, self.kernel)) if self.kernel else None
+            kernel = self.short_kernel if self.short_kernel and key.shape[-2] < self.long_from else self.kernel
+            direct = DIRECT_KERNELS.get((query.device.type, kernel)) if kernel else None
             if direct is not None and _direct_takes(query, key, value, attn_mask):
                 return direct(query, key, value)
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
@@ -215,7 +226,8 @@ def resolve_attention(platform: Platform, requested: str | None = None) -> Atten
         if flash.impl not in getattr(registry, "list_flash_attention_impls", list)():
             raise ValueError(f"attention backend {name!r} needs a PyTorch whose flash-attention registry can take "
                              f"{flash.impl!r} (this is {torch.__version__})")
-        return AttentionChoice(name, _first(SDPBackend.FLASH_ATTENTION), flash_impl=flash.impl, kernel="flash")
+        return AttentionChoice(name, _first(SDPBackend.FLASH_ATTENTION), flash_impl=flash.impl, kernel="flash",
+                               short_kernel=flash.short_kernel, long_from=flash.long_from)
     kernel = EXTERNAL_KERNELS[name]
     if not _installed(kernel.package):
         raise ValueError(f"attention backend {name!r} needs the {kernel.package!r} package, which is not installed")

@@ -66,6 +66,7 @@ def test_flash_attention_4_needs_its_package_and_flash_attn_2_is_not_fa4s_namesp
     choice = resolve_attention(PLATFORMS["cpu"], "flash-attn-4")
     assert (choice.flash_impl, choice.sdpa_order[0], choice.lossy) == ("diffmesh-FA4", SDPBackend.FLASH_ATTENTION,
                                                                       False)
+    assert (choice.kernel, choice.short_kernel, choice.long_from) == ("flash", "cudnn", 16384)
 
 
 def test_a_flash_impl_choice_activates_it_in_pytorchs_registry_and_others_restore_pytorchs(monkeypatch):
@@ -169,6 +170,32 @@ def test_a_compiled_graph_names_the_chosen_kernel_whatever_was_traced_before():
         with torch.inference_mode(), choice.scope():
             got = torch.compile(lambda q, k, v: choice(q, k, v), backend=recording_backend)(q, k, v)
         assert any(op in graph for graph in traced), (name, traced)
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_a_choice_with_a_short_kernel_takes_it_below_its_length_and_its_own_from_there():
+    """As `flash-attn-4` does (cuDNN below 16,384 keys), here on CPU: math below 64 keys, flash from 64 on; each
+    compiled graph names the kernel its length takes, and both compute attention."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    traced: list[set[str]] = []
+
+    def recording_backend(graph_module, example_inputs):
+        def forward_compiler(graph, inputs):
+            traced.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
+            return graph
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=forward_compiler)
+
+    choice = attention_module.AttentionChoice("test", kernel="flash", short_kernel="math", long_from=64)
+    for tokens, op in ((16, "aten.bmm.default"), (64, "aten._scaled_dot_product_flash_attention_for_cpu.default")):
+        q, k, v = (torch.randn(1, 2, tokens, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        torch._dynamo.reset()
+        traced.clear()
+        with torch.inference_mode():
+            got = torch.compile(lambda q, k, v: choice(q, k, v), backend=recording_backend)(q, k, v)
+        assert len(traced) == 1 and op in traced[0], (tokens, traced)
+        assert ("aten._scaled_dot_product_flash_attention_for_cpu.default" in traced[0]) == (tokens >= 64)
         torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
 
