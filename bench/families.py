@@ -92,7 +92,7 @@ def stage_pids() -> dict[str, int]:
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").split()    # one string when retitled
         except OSError:
             continue
         for stage in ("encoder", "denoiser", "decoder", "gateway"):

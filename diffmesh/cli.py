@@ -6,14 +6,17 @@ import argparse
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from typing import TYPE_CHECKING
 
 from diffmesh.placement import ENV as PLACEMENT_ENV
 from diffmesh.placement import Placement, device_list, place_stages
+
+if TYPE_CHECKING:
+    from services.common.forked import ForkedProcess
 
 STAGE_MODULES = {
     "encoder": "services.encoder.server",
@@ -54,19 +57,19 @@ class Mesh:
     """The four services as child processes; any one dying stops them all."""
 
     def __init__(self) -> None:
-        self.children: dict[str, subprocess.Popen] = {}
+        self.children: dict[str, ForkedProcess] = {}
 
     def spawn(self, name: str, argv: list[str], stage: str | None = None, env: dict[str, str] | None = None) -> None:
-        """Start `stage` (default: `name`) as the child called `name`, with `env` added to ours. The child ends
-        when we do, however we end (services/common/lifeline.py; spawned from the main thread, which Linux's
-        parent-death signal ties it to)."""
-        from services.common.lifeline import child_env
+        """Start `stage` (default: `name`) as the child called `name`, with `env` added to ours, forked from a
+        forkserver that has imported every stage once (services/common/forked.py). The child ends when we do,
+        however we end (services/common/lifeline.py)."""
+        from services.common.forked import ForkedProcess
+        from services.families import FAMILY_MODULES
 
-        # Own process group, so a Ctrl-C in the terminal reaches only us and we stop children in order.
-        self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", STAGE_MODULES[stage or name], *argv], start_new_session=True,
-            env=child_env({**os.environ, **(env or {})}),
-        )
+        # Own session, so a Ctrl-C in the terminal reaches only us and we stop children in order.
+        self.children[name] = ForkedProcess(STAGE_MODULES[stage or name], argv, {**os.environ, **(env or {})},
+                                            preload=[*STAGE_MODULES.values(), *FAMILY_MODULES], name=name,
+                                            new_session=True)
 
     def wait_for_file(self, name: str, path: pathlib.Path, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -88,7 +91,7 @@ class Mesh:
         self._terminate([child for name, child in self.children.items() if name != "gateway"], grace)
 
     @staticmethod
-    def _terminate(children: list[subprocess.Popen], grace: float) -> None:
+    def _terminate(children: list[ForkedProcess], grace: float) -> None:
         from services.common.processes import wait_then_kill
 
         running = [child for child in children if child.poll() is None]

@@ -31,13 +31,18 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`, children first."""
+    children = [int(child) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
 def stage_pids(mesh) -> dict[str, int]:
-    """The mesh's stage processes (children of its `diffmesh up`), by the module each serves."""
-    children = [int(pid) for task in pathlib.Path(f"/proc/{mesh.process.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
+    """The mesh's stage processes (under its `diffmesh up`: forked by its forkserver), by the module each serves."""
     found = {}
-    for pid in children:
-        command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    for pid in descendants(mesh.process.pid):
+        command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
         for stage in ("encoder", "denoiser", "decoder"):
             if f"services.{stage}.server".encode() in command:
                 found[stage] = pid

@@ -326,8 +326,9 @@ def test_gateway_sigterm_drains(replicas, pair_gateway):
     replicas[0].ensure_running()
     steps = threading.Semaphore(0)
     # Running, not just accepted: what the gateway does with jobs still queued when it stops is not this test's.
+    # Long enough (tiny steps take tens of ms) to be still running when the checks below end, on a loaded machine too.
     in_flight = concurrent.futures.ThreadPoolExecutor(1).submit(generate, pair_gateway.grpc_address,
-                                                                request(5, steps=10), denoise_progress(steps))
+                                                                request(5, steps=60), denoise_progress(steps))
     assert steps.acquire(timeout=REQUEST_TIMEOUT_S)
     pair_gateway.process.send_signal(signal.SIGTERM)
     http_url = pair_gateway.http_url

@@ -31,12 +31,13 @@ MIB = 1 << 20
 
 
 def stage_pid(mesh, stage: str) -> int:
-    """The pid of the stage server `diffmesh up` started (its direct child running services.<stage>.server)."""
-    pid = mesh.process.pid
-    for child in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    """The pid of the stage server `diffmesh up` started (forked by its forkserver, running services.<stage>.server)."""
+    from tests.integration.test_durable_jobs import descendants
+
+    for child in descendants(mesh.process.pid):
         if f"services.{stage}.server" in pathlib.Path(f"/proc/{child}/cmdline").read_bytes().decode():
-            return int(child)
-    raise AssertionError(f"no {stage} process under diffmesh up ({pid})")
+            return child
+    raise AssertionError(f"no {stage} process under diffmesh up ({mesh.process.pid})")
 
 
 def rss_mb(pid: int) -> float:

@@ -5,25 +5,20 @@ loopback), exactly what torchrun or a Kubernetes controller would give it, so th
 gang spanning hosts. If any rank dies, the gang cannot go on in step: the launcher stops the rest and
 exits non-zero, so a supervisor (docker, Kubernetes, `diffmesh up`) restarts it whole.
 
-The ranks fork from a multiprocessing forkserver that has imported the stage's module once: a fresh interpreter per
-rank would import torch, diffusers and the families again (about 5 s of CPU each; on a 2-core host a 4-rank gang
-spent most of its 20 s start there). The forkserver is a clean process started for this (no CUDA, no threads), as
-PyTorch advises for accelerator children; each rank ends with the launcher (lifeline), and the forkserver with them.
-It imports the model families too, which each rank would otherwise import on loading its model.
+The ranks fork from a forkserver that has imported the stage's module and the model families once
+(services/common/forked.py); each ends with the launcher.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import multiprocessing
 import os
 import signal
 import socket
-import subprocess
 import time
 
-from services.common.lifeline import end_with_parent, end_with_process
+from services.common.forked import ForkedProcess
+from services.common.lifeline import end_with_parent
 from services.common.processes import wait_then_kill
 from services.families import FAMILY_MODULES
 
@@ -38,40 +33,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def run_rank(module: str, argv: list[str], env: dict[str, str], launcher: int) -> None:
-    """A rank, in the forkserver's child: this rank's environment, then the stage's `main(argv)`, as `python -m
-    module argv` would run it; it ends with the launcher (not its parent here: the forkserver)."""
-    os.environ.clear()
-    os.environ.update(env)
-    end_with_process(launcher)
-    importlib.import_module(module).main(argv)
-
-
-class RankProcess:
-    """A started multiprocessing.Process with the subprocess.Popen calls the launcher and wait_then_kill make."""
-
-    def __init__(self, process: multiprocessing.Process) -> None:
-        self.process = process
-        process.start()
-        self.pid = process.pid
-
-    def poll(self) -> int | None:
-        return self.process.exitcode
-
-    def wait(self, timeout: float | None = None) -> int:
-        self.process.join(timeout)
-        if self.process.exitcode is None:
-            raise subprocess.TimeoutExpired(f"gang rank {self.pid}", timeout)
-        return self.process.exitcode
-
-    def send_signal(self, signum: int) -> None:
-        if self.process.exitcode is None:
-            os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.process.kill()
-
-
 def launch_gang(module: str, argv: list[str], devices: int, grace_seconds: float) -> int:
     """Run `module.main(argv)` as ranks 0..devices-1, each its own process; return the exit code for the launcher.
     The launcher ends with its own parent (`diffmesh up`), and the ranks with the launcher, however it ends: the
@@ -83,13 +44,8 @@ def launch_gang(module: str, argv: list[str], devices: int, grace_seconds: float
               "LOCAL_WORLD_SIZE": str(devices)}
     if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
         master["GLOO_SOCKET_IFNAME"] = "lo"
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([module, *FAMILY_MODULES])
-    children = []
-    for rank in range(devices):
-        env = {**os.environ, **master, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        children.append(RankProcess(context.Process(target=run_rank, args=(module, argv, env, os.getpid()),
-                                                    name=f"gang-rank-{rank}")))
+    children = [ForkedProcess(module, argv, {**os.environ, **master, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              FAMILY_MODULES, name=f"gang-rank-{rank}") for rank in range(devices)]
     logger.info("started a gang of %d processes (pids %s)", devices, [child.pid for child in children])
 
     stopping = False
