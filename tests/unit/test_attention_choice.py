@@ -140,19 +140,24 @@ def test_every_cpu_choice_computes_attention(name):
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-def test_a_compiled_graph_names_the_chosen_kernel_whatever_was_traced_before():
-    """A graph traced through F.scaled_dot_product_attention keeps whatever kernel tracing picked (here not even the
-    scope's first choice: tracing ignores the priority order) and no guard retraces it under another choice; a named
-    choice puts its own op in the graph instead."""
+def _recording_backend(traced: list[set[str]]):
+    """A torch.compile backend that runs each graph as traced (aot_eager) and records the ops its forward calls."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
-    traced: list[set[str]] = []
-
-    def recording_backend(graph_module, example_inputs):
+    def backend(graph_module, example_inputs):
         def forward_compiler(graph, inputs):
             traced.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
             return graph
         return aot_module_simplified(graph_module, example_inputs, fw_compiler=forward_compiler)
+    return backend
+
+
+def test_a_compiled_graph_names_the_chosen_kernel_whatever_was_traced_before():
+    """A graph traced through F.scaled_dot_product_attention keeps whatever kernel tracing picked (here not even the
+    scope's first choice: tracing ignores the priority order) and no guard retraces it under another choice; a named
+    choice puts its own op in the graph instead."""
+    traced: list[set[str]] = []
+    recording_backend = _recording_backend(traced)
 
     q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     plain = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), backend=recording_backend)
@@ -177,15 +182,8 @@ def test_a_compiled_graph_names_the_chosen_kernel_whatever_was_traced_before():
 def test_a_choice_with_a_short_kernel_takes_it_below_its_length_and_its_own_from_there():
     """As `flash-attn-4` does (cuDNN below 16,384 keys), here on CPU: math below 64 keys, flash from 64 on; each
     compiled graph names the kernel its length takes, and both compute attention."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-
     traced: list[set[str]] = []
-
-    def recording_backend(graph_module, example_inputs):
-        def forward_compiler(graph, inputs):
-            traced.append({str(node.target) for node in graph.graph.nodes if node.op == "call_function"})
-            return graph
-        return aot_module_simplified(graph_module, example_inputs, fw_compiler=forward_compiler)
+    recording_backend = _recording_backend(traced)
 
     choice = attention_module.AttentionChoice("test", kernel="flash", short_kernel="math", long_from=64)
     for tokens, op in ((16, "aten.bmm.default"), (64, "aten._scaled_dot_product_flash_attention_for_cpu.default")):
