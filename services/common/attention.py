@@ -55,7 +55,6 @@ _FALLBACK_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, S
                    SDPBackend.CUDNN_ATTENTION, SDPBackend.OVERRIDEABLE)
 
 
-
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0]
 
@@ -101,6 +100,7 @@ def _direct_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
         head_dim = query.shape[-1]
         return query.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 128
     return query.device.type == "cpu"
+
 
 @dataclasses.dataclass(frozen=True)
 class ExternalKernel:

@@ -3,7 +3,9 @@ it, however it dies (SIGKILL included), or it goes on holding its port and answe
 
 The parent marks the children it wants bound to it (`child_env`); each child, early in its start-up, asks the kernel
 for SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG) or, where it cannot, watches its parent's pid from a
-thread. SIGTERM, not SIGKILL: the child shuts down as on any stop (NOT_SERVING, in-flight calls finished).
+thread. A child forked from a forkserver (services/common/forked.py) is not its starter's child: it watches the
+starter's pid instead (`end_with_process`). SIGTERM, not SIGKILL: the child shuts down as on any stop (NOT_SERVING,
+in-flight calls finished).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def _exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:     # alive, another user's
+        pass
     return True
 
 
