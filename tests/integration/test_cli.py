@@ -174,14 +174,14 @@ def test_serve_help_lists_the_stages_and_a_stage_help_shows_defaults(capsys):
 
 def test_ctrl_c_in_generate_cancels_the_job_and_exits_quietly(mesh, tmp_path):
     output = tmp_path / "never.png"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "diffmesh.cli", "generate", "--gateway", mesh.grpc_address, "--prompt", "a long one",
-         "--size", "128x128", "--steps", "200", "-o", str(output)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        # As a terminal's foreground job has it: a test run started in the background (`cmd &` in a script) hands
-        # its children SIGINT ignored, and Ctrl-C would never reach the command.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # SIGINT handled as a terminal's foreground job has it: a test run started in the background (`cmd &` in a
+    # script) hands its children SIGINT ignored, and Ctrl-C would never reach the command. Set in the child's own
+    # first line rather than by preexec_fn, which forks this multi-threaded (gRPC) process without exec'ing at once.
+    argv = ["diffmesh", "generate", "--gateway", mesh.grpc_address, "--prompt", "a long one", "--size", "128x128",
+            "--steps", "200", "-o", str(output)]
+    launch = (f"import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"sys.argv = {argv!r}; runpy.run_module('diffmesh.cli', run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", launch], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = bytearray()
 
     def pump() -> None:      # tqdm redraws its bar with \r and no newline: read bytes as they come
