@@ -7,6 +7,8 @@ Engines raise these plain exceptions with exact messages; servers translate them
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 
 class MeshError(Exception):
@@ -124,6 +126,24 @@ def from_rpc_error(stage: str, error: grpc.RpcError) -> MeshError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field, _, reason = details.partition(": ")
         return InvalidArgument(field, reason) if reason else InvalidArgument(stage, details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after_s = _retry_after_s(error)
+        if retry_after_s is not None:
+            return ResourceExhausted(f"{stage}: {details}", retry_after_s=retry_after_s)
     if code in _FROM_GRPC:
         return _FROM_GRPC[code](f"{stage}: {details}")
     return Unavailable(stage, details)
+
+
+def _retry_after_s(error: grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay a stage sent with its error (server.status_of packs it), so the gateway waits
+    as long as the stage asked (5 s after a device ran out of memory) and not its own default."""
+    if not hasattr(error, "trailing_metadata"):
+        return None
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from diffmesh.v1 import admission_pb2, admission_pb2_grpc
 from services.common import logs, metrics, tracing
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted, from_rpc_error
 from services.common.reflection import V1_SERVICE_NAME
 from services.common.server import rpc_method, run_server, status_of
 
@@ -174,6 +174,10 @@ def test_a_device_out_of_memory_is_resource_exhausted_with_a_retry_hint_not_inte
             retry = [detail for detail in status.details if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
             info = error_details_pb2.RetryInfo()
             assert retry and retry[0].Unpack(info) and info.retry_delay.ToTimedelta().total_seconds() == 5.0
+            # The gateway's translation keeps the stage's delay (its jobs wait that long; REST's Retry-After says it).
+            mapped = from_rpc_error("denoiser", raised.value)
+            assert type(mapped) is ResourceExhausted and mapped.retry_after_s == 5.0
+            assert mapped.message.startswith("denoiser: unit-oom: out of device memory")
 
     asyncio.run(with_server(client))
     records = [json.loads(line) for line in lines_of(capsys)]
