@@ -6,6 +6,11 @@ A multiprocessing forkserver imports them once; each child forks from it. The fo
 (no CUDA, no threads), as PyTorch advises for accelerator children; it lives while any child does (each holds its
 "alive" pipe), so a child is bound to the process that started it by pid (lifeline.end_with_process), not to its
 parent. The child gets exactly the environment it is given, before any of its own code runs.
+
+A library that initializes an accelerator when imported spoils this: no child of the forkserver could use the device
+(torchao does, asking the GPU its compute capability at import, which diffusers' import brings in). A child that
+finds itself so (`accelerator_lost_to_fork`) execs a fresh interpreter instead, bound to its starter the same way:
+slower to start, as before the forkserver, but it runs.
 """
 
 from __future__ import annotations
@@ -20,13 +25,18 @@ from collections.abc import Sequence
 
 import setproctitle
 
-from services.common.lifeline import end_with_process
+from services.common import platform
+from services.common.lifeline import STARTER_PID_ENV, end_with_process
 
 
 def _run(module: str, argv: list[str], env: dict[str, str], starter: int, new_session: bool) -> None:
     """In the forkserver's child: `module.main(argv)`, as `python -m module argv` would run it."""
     if new_session:
         os.setsid()
+    if platform.accelerator_lost_to_fork():
+        print(f"forkserver: a preloaded module initialized the accelerator, which a forked {module} cannot use: "
+              "starting it as a fresh interpreter", file=sys.stderr, flush=True)
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], {**env, STARTER_PID_ENV: str(starter)})
     # The platform's default start method again, as in a fresh interpreter: forkserver's children inherit
     # "forkserver", under which every named semaphore (tqdm's lock, for one) is tracked, and reported as leaked
     # when a server ends with os._exit.

@@ -22,6 +22,8 @@ import time
 logger = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "DIFFMESH_PARENT_PID"
+# Set instead on a forkserver's child that had to exec a fresh interpreter (forked.py): the process it is bound to.
+STARTER_PID_ENV = "DIFFMESH_STARTER_PID"
 PR_SET_PDEATHSIG = 1        # <linux/prctl.h>
 POLL_S = 0.5
 
@@ -32,7 +34,12 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def end_with_parent(signum: int = signal.SIGTERM) -> None:
-    """If this process was started with `child_env`, have it get `signum` once that parent is gone."""
+    """If this process was started with `child_env`, have it get `signum` once that parent is gone (or, started
+    by a forkserver's child as a fresh interpreter, once its starter is: `STARTER_PID_ENV`)."""
+    starter = os.environ.pop(STARTER_PID_ENV, None)
+    if starter and starter.isdecimal():
+        end_with_process(int(starter), signum)
+        return
     expected = os.environ.pop(PARENT_PID_ENV, None)   # popped: our own children are bound to us, not to it
     if not expected or not expected.isdecimal():
         return

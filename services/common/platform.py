@@ -106,6 +106,21 @@ class Platform:
         for name, value in self.collective_env:
             os.environ.setdefault(name, value)
 
+    def float8_matmul_missing(self, index: int = 0) -> str | None:
+        """Why this platform's device cannot run float8 matmuls with per-row scales (`--quantize fp8`), or None
+        where it can: CUDA from compute capability 8.9 (Ada, Hopper, Blackwell), ROCm's MI300 and MI350, Intel XPU
+        (the devices torchao's float8 inference supports)."""
+        if self.kind == "cpu":
+            return "the CPU has no float8 matmul kernel"
+        if self.kind == "cuda":
+            if torch.version.hip:
+                arch = torch.cuda.get_device_properties(index).gcnArchName
+                return None if arch.startswith(("gfx942", "gfx950")) else f"{arch} is not an MI300 or MI350"
+            major, minor = torch.cuda.get_device_capability(index)
+            if (major, minor) < (8, 9):
+                return f"{self.device_name(index)} has compute capability {major}.{minor}, float8 needs 8.9 or later"
+        return None
+
     def default_dtype(self) -> torch.dtype:
         """float32 on CPU (exact, and bf16 matmuls are slow there); bfloat16 on accelerators."""
         return torch.float32 if self.kind == "cpu" else torch.bfloat16
@@ -191,6 +206,13 @@ def load_optional_extensions(kind: str) -> None:
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
             logger.info("loaded optional extension %s", module)
+
+
+def accelerator_lost_to_fork() -> bool:
+    """Whether this process was forked from one that had initialized an accelerator: PyTorch then refuses to use
+    that accelerator here ("Cannot re-initialize CUDA in forked subprocess")."""
+    return any(getattr(_accelerator_module(kind), "_is_in_bad_fork", lambda: False)()
+               for kind in KINDS if kind != "cpu" and hasattr(torch, kind))
 
 
 def select_platform(requested: str | None = None) -> Platform:

@@ -1,0 +1,1 @@
+"""Modules a test forks from a real forkserver (tests/unit/test_forked.py)."""
