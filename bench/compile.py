@@ -5,7 +5,12 @@ it) forwards 480x832x81 latents eagerly, then with its 30 blocks regionally comp
 (inductor, default mode). Reports the first compiled call (the compile), the steady forward time of each, and the
 compiled output's difference from eager's in bf16. Writes bench/results/compile-<device>-<date>.json.
 
-    python bench/compile.py --device cuda
+With `--quantize fp8` a second copy of the same transformer (the same seed: the same weights) has its block linears
+quantized as the denoiser's `--quantize fp8` does (services/denoiser/quantize.py) and is compiled the same way: its
+forward time and its output's difference from the bf16 eager output are reported too (random weights: the
+difference says how far float8 rounding moves this forward, not how an image from trained weights looks).
+
+    python bench/compile.py --device cuda [--attention-backend NAME] [--quantize fp8]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from bench.attention import timed, wan_1_3b_at_480p  # noqa: E402
 from services.common.attention import set_attention  # noqa: E402
 from services.common.platform import set_platform  # noqa: E402
 from services.denoiser.compile import CompileOptions, compile_blocks  # noqa: E402
+from services.denoiser.quantize import METHODS, QuantizeOptions, quantize_blocks  # noqa: E402
 
 
 def main() -> int:
@@ -37,6 +43,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--attention-backend", default=None,
                         help="as the denoiser's flag (default: the platform's choice)")
+    parser.add_argument("--quantize", choices=METHODS, default=None,
+                        help="also time a quantized, compiled copy (as the denoiser's flag)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     platform = set_platform(args.device)
@@ -58,6 +66,20 @@ def main() -> int:
         compile_s = time.perf_counter() - started
         compiled_ms = timed(forward, warmup=1, iters=args.iters)
     diff = (compiled_out.float() - eager_out.float())
+    quantized = {}
+    if args.quantize:
+        del model
+        platform.empty_cache()
+        model, inputs = wan_1_3b_at_480p(device)
+        quantize_blocks(model, platform, device, QuantizeOptions(args.quantize))
+        compile_blocks(model, CompileOptions(mode=args.mode))
+        with torch.inference_mode():
+            quantized_out = forward()
+            quantized_ms = timed(forward, warmup=1, iters=args.iters)
+        error = quantized_out.float() - eager_out.float()
+        quantized = {"quantize": args.quantize, "quantized_compiled_forward_ms": round(quantized_ms, 2),
+                     "quantized_max_abs_difference": float(error.abs().max()),
+                     "quantized_relative_l2_difference": float(error.norm() / eager_out.float().norm())}
     report = {
         "benchmark": "regionally compiled Wan2.1-1.3B transformer vs eager, one forward at 480x832x81",
         "date": datetime.date.today().isoformat(), "device": platform.device_name(0),
@@ -67,10 +89,12 @@ def main() -> int:
         "speedup": round(eager_ms / compiled_ms, 3), "first_compiled_call_s": round(compile_s, 1),
         "max_abs_difference": float(diff.abs().max()),
         "relative_l2_difference": float(diff.norm() / eager_out.float().norm()),
+        **quantized,
         "notes": "random bf16 weights; attention as --attention-backend (or the platform default) picks it; "
                  "difference of bf16 outputs",
     }
-    label = "" if args.attention_backend is None else f"-{attention.name}"
+    label = ("" if args.attention_backend is None else f"-{attention.name}") + (f"-{args.quantize}" if args.quantize
+                                                                                 else "")
     out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"compile-{platform.kind}-{report['date']}{label}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

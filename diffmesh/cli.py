@@ -132,6 +132,8 @@ def denoiser_speed_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--batch-wait-ms", str(args.batch_wait_ms)]
     if getattr(args, "dit_offload", False):
         flags.append("--dit-offload")
+    if getattr(args, "quantize", None):
+        flags += ["--quantize", args.quantize]
     return flags
 
 
@@ -449,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dit-offload", action="store_true",
                     help="the denoiser keeps its transformer's blocks in pinned host memory and streams them to the "
                     "device block by block, for models larger than the device (one device, without --compile)")
+    up.add_argument("--quantize", choices=["fp8"], default=None,
+                    help="fp8: the denoiser's transformer blocks run their linear layers as float8 matmuls "
+                    "(torchao; lossy, faster; best with --compile; default: off)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds")
     up.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port (0 picks a free one)")
     up.add_argument("--http-port", type=int, default=8000, help="the gateway's REST port (0 picks a free one)")

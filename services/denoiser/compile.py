@@ -37,6 +37,8 @@ from collections.abc import Iterator
 
 import torch
 
+from services.denoiser.blocks import repeated_blocks
+
 logger = logging.getLogger(__name__)
 
 COMPILE_BACKEND_ENV = "DIFFMESH_COMPILE_BACKEND"    # inductor by default; "eager" traces only (tests, debugging)
@@ -58,16 +60,10 @@ class CompileOptions:
 def compile_blocks(transformer: torch.nn.Module, options: CompileOptions) -> torch.nn.Module:
     """Compile the repeated blocks of a loaded transformer in place (a gang's wrapper holds it as `.model`)."""
     model = transformer if hasattr(transformer, "compile_repeated_blocks") else getattr(transformer, "model", None)
-    if model is None or not getattr(model, "_repeated_blocks", None):
-        raise ValueError(f"{type(transformer).__name__} declares no repeated blocks to compile (--compile)")
+    # diffusers' compile_repeated_blocks, its blocks found through their bases too (blocks.py): a block sharded by
+    # `--shard-weights` has FSDP2's hooks, which then run eagerly around the compiled forward.
+    blocks = repeated_blocks(transformer if model is None else model, "to compile (--compile)")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    # diffusers' compile_repeated_blocks, matching classes through their bases too: a block sharded by
-    # `--shard-weights` (gang/sharded_weights.py) is FSDP2's subclass of its own class (`FSDPWanTransformerBlock`),
-    # which matching by exact class name misses. Its FSDP hooks then run eagerly around the compiled forward.
-    blocks = [module for module in model.modules()
-              if any(cls.__name__ in model._repeated_blocks for cls in type(module).__mro__)]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has none of its {model._repeated_blocks} blocks to compile")
     for block in blocks:
         # The forward, not the module (see the module docstring): the cache hooks then wrap the compiled code.
         own = block.forward

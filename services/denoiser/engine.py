@@ -36,6 +36,7 @@ from services.denoiser.cache import Agreement, CacheCounts, StepCacheRun, check_
 from services.denoiser.compile import CompileOptions, compile_blocks
 from services.denoiser.offload import OffloadOptions, check_offload, load_device, offload_blocks
 from services.denoiser.predict import NoisePredictor, predict_on_one_device
+from services.denoiser.quantize import QuantizeOptions, check_quantize, quantize_blocks
 from services.families import family_for
 from services.families.base import DenoiseRun, Sampling
 
@@ -52,7 +53,8 @@ class DenoiserEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
                  device: torch.device | None = None, *, load: TransformerLoad | None = None,
                  predict_noise: NoisePredictor = predict_on_one_device, compile: CompileOptions | None = None,
-                 batching: BatchOptions | None = None, offload: OffloadOptions | None = None) -> None:
+                 batching: BatchOptions | None = None, offload: OffloadOptions | None = None,
+                 quantize: QuantizeOptions | None = None) -> None:
         self.model_name = model.name
         self.platform = platform
         self.device = device or platform.device()
@@ -76,9 +78,13 @@ class DenoiserEngine:
         # --dit-offload (offload.py): the blocks live in pinned host memory and stream to the device per forward.
         check_offload(offload, compile=compile)
         self.offload = offload
+        # --quantize fp8 (quantize.py): lossy, on request; the block linears as float8 matmuls.
+        check_quantize(quantize, offload=offload)
 
         def load_component(component: str) -> torch.nn.Module:
             transformer = self.attention.install(load(model, component, weights_dtype))
+            if quantize is not None:
+                transformer = quantize_blocks(transformer, platform, self.device, quantize)
             if self.batching and self.device.type == "cpu":
                 # Bit-equal to solo on CPU (batching.py); a GPU's kernels are picked by shape anyway: within rounding.
                 transformer = make_batch_invariant(transformer)

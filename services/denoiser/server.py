@@ -34,6 +34,7 @@ from services.denoiser.gang.launcher import launch_gang
 from services.denoiser.gang.layout import LayoutError
 from services.denoiser.gang.worker import serve_gang_rank
 from services.denoiser.offload import add_offload_arguments, check_offload, offload_from_args
+from services.denoiser.quantize import add_quantize_arguments, check_quantize, quantize_from_args
 from services.families.base import Limits
 from services.families.wire import limits_to_proto
 
@@ -149,10 +150,10 @@ SPEC = StageSpec(
     engine_class=DenoiserEngine,
     servicer_class=DenoiserServicer,
     add_to_server=denoiser_pb2_grpc.add_DenoiserServicer_to_server,
-    add_arguments=lambda parser: add_offload_arguments(add_batching_arguments(add_compile_arguments(
-        add_gang_arguments(parser)))),
+    add_arguments=lambda parser: add_quantize_arguments(add_offload_arguments(add_batching_arguments(
+        add_compile_arguments(add_gang_arguments(parser))))),
     engine_options=lambda args: {"compile": compile_from_args(args), "batching": batching_from_args(args),
-                                 "offload": offload_from_args(args)},
+                                 "offload": offload_from_args(args), "quantize": quantize_from_args(args)},
 )
 
 
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"{layout.world_size}) runs one request at a time")
         # A gang's ranks load their own shards (gang/engine.py): offload is for one device, refused here.
         check_offload(offload_from_args(args), compile=args.compile, world_size=layout.world_size)
+        check_quantize(quantize_from_args(args), world_size=layout.world_size, offload=args.dit_offload)
         if joined is None and layout.world_size > 1:
             logs.configure("denoiser")
             check_layout_for_model(layout, args)

@@ -51,9 +51,9 @@ def free_port() -> int:
 
 
 def start_mesh(model_dir: pathlib.Path, extra: list[str] | None = None,
-               env: dict[str, str] | None = None) -> RunningMesh:
+               env: dict[str, str] | None = None, start_timeout_s: float = START_TIMEOUT_S) -> RunningMesh:
     """`diffmesh up` serving `model_dir` with `extra` flags, and `env` added to the environment of it and its
-    services (e.g. OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    services (e.g. OTEL_EXPORTER_OTLP_ENDPOINT); it must report ready within `start_timeout_s`."""
     # Its own jobs directory: no two test meshes (nor a developer's own `diffmesh up`) share jobs.
     data_dir = tempfile.mkdtemp(prefix="diffmesh-test-data-")
     argv = [sys.executable, "-m", "diffmesh.cli", "up", "--model", str(model_dir), "--grpc-port", "0",
@@ -74,7 +74,7 @@ def start_mesh(model_dir: pathlib.Path, extra: list[str] | None = None,
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + start_timeout_s
     while not ready.wait(0.2):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()

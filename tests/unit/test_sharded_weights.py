@@ -70,19 +70,20 @@ def _live_tensor_bytes() -> int:
 def _realign_blocks(model: torch.nn.Module) -> None:
     """Each block parameter in a fresh allocation, as the gathered copies are (64-byte aligned); the loaded ones sit
     where safetensors put them (the tiny FLUX's at 24 mod 64), and the CPU GEMM's last bit depends on it."""
-    from services.denoiser.gang.sharded_weights import repeated_blocks
+    from services.denoiser.blocks import repeated_blocks
 
-    for block in repeated_blocks(model):
+    for block in repeated_blocks(model, "to shard"):
         for parameter in block.parameters():
             parameter.data = parameter.data.clone()
 
 
 def _gathered_equal(sharded: torch.nn.Module, whole: torch.nn.Module) -> bool:
     """Every block's all-gathered parameters bit for bit the whole model's (FSDP2's public unshard / reshard)."""
-    from services.denoiser.gang.sharded_weights import repeated_blocks
+    from services.denoiser.blocks import repeated_blocks
 
     equal = True
-    for block, whole_block in zip(repeated_blocks(sharded), repeated_blocks(whole), strict=True):
+    pairs = zip(repeated_blocks(sharded, "to shard"), repeated_blocks(whole, "to shard"), strict=True)
+    for block, whole_block in pairs:
         block.unshard()
         gathered = dict(block.named_parameters())
         equal &= gathered.keys() == dict(whole_block.named_parameters()).keys() and all(
@@ -219,7 +220,7 @@ def test_shard_weights_is_refused_where_there_is_nothing_to_share(argv, message)
 
 
 def test_a_model_without_repeated_blocks_is_refused():
-    from services.denoiser.gang.sharded_weights import repeated_blocks
+    from services.denoiser.blocks import repeated_blocks
 
     with pytest.raises(ValueError, match="declares no repeated blocks to shard"):
-        repeated_blocks(torch.nn.Linear(2, 2))
+        repeated_blocks(torch.nn.Linear(2, 2), "to shard")

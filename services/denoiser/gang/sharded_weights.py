@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from services.denoiser.blocks import repeated_blocks
 from services.denoiser.gang.distributed import Gang
 
 logger = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ class ResidentWeights:
                 f"(blocks {self.blocks_resident} of {self.blocks_total})")
 
 
-def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks, by the class names diffusers declares in `_repeated_blocks` (what `--compile`
-    compiles too)."""
-    names = tuple(getattr(model, "_repeated_blocks", None) or ())
-    # Through the bases: once sharded, a block is FSDP2's subclass of its class (`FSDPWanTransformerBlock`).
-    blocks = [module for module in model.modules() if any(cls.__name__ in names for cls in type(module).__mro__)]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} declares no repeated blocks to shard (--shard-weights)")
-    return blocks
-
-
 def shard_blocks(model: torch.nn.Module, gang: Gang) -> ResidentWeights:
     """Shard each repeated block of `model` (loaded whole, on the CPU or this rank's device) across the gang and put
     the rest on this rank's device. A block reaches the device whole only while it is being sharded, one at a
@@ -71,7 +61,7 @@ def shard_blocks(model: torch.nn.Module, gang: Gang) -> ResidentWeights:
         raise ValueError(f"--shard-weights with tp {gang.layout.tp}: tensor-parallel ranks hold different slices")
     # The default group: every rank of the gang holds the same weights when tp is 1.
     mesh = DeviceMesh.from_group(dist.group.WORLD, gang.device.type)
-    for block in repeated_blocks(model):
+    for block in repeated_blocks(model, "to shard (--shard-weights)"):
         whole_class = type(block)
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
         _register_for_step_caching(type(block), whole_class)
@@ -95,7 +85,7 @@ def _register_for_step_caching(sharded_class: type, whole_class: type) -> None:
 
 def resident_weights(model: torch.nn.Module) -> ResidentWeights:
     """What the model's parameters occupy on this rank now: between forwards, a sharded block's are its shards."""
-    blocks = repeated_blocks(model)
+    blocks = repeated_blocks(model, "to shard (--shard-weights)")
     return ResidentWeights(resident=_bytes(model, resident=True), total=_bytes(model, resident=False),
                            blocks_resident=sum(_bytes(block, resident=True) for block in blocks),
                            blocks_total=sum(_bytes(block, resident=False) for block in blocks))
