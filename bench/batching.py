@@ -15,7 +15,8 @@ with device, versions and date.
 
 With `--compile[=MODE]` the engine compiles its blocks as `--compile` does (inductor; $DIFFMESH_COMPILE_BACKEND
 overrides it, e.g. eager on CPU); the warm-up compiles both batch sizes before timing, and the result file's name
-ends in -compiled.
+ends in -compiled. `--quantize fp8` runs both with the block linears in float8 (lossy; the difference to solo is then
+between two float8 runs).
 
     python3 bench/batching.py --device cuda [--compile]
     python3 bench/batching.py --device cpu --tiny      # a check that it runs: the tiny test models, few steps
@@ -44,6 +45,7 @@ from services.common.platform import PLATFORMS  # noqa: E402
 from services.denoiser.batching import BatchOptions, Member, denoise_together  # noqa: E402
 from services.denoiser.compile import COMPILE_BACKEND_ENV, CompileOptions  # noqa: E402
 from services.denoiser.engine import DenoiserEngine  # noqa: E402
+from services.denoiser.quantize import METHODS, QuantizeOptions  # noqa: E402
 from services.families.base import Sampling  # noqa: E402
 
 
@@ -99,6 +101,8 @@ def main() -> int:
     parser.add_argument("--models", default=None, help="where to write the model directories (default: a temp dir)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="compile the blocks, as the denoiser's --compile (default: off)")
+    parser.add_argument("--quantize", choices=METHODS, default=None,
+                        help="the block linears as float8, as the denoiser's --quantize (lossy; default: off)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     platform = PLATFORMS[args.device]
@@ -122,6 +126,7 @@ def main() -> int:
     report: dict = {"benchmark": "batching", "device": platform.describe() if hasattr(platform, "describe") else
                     args.device, "tiny": args.tiny, "date": datetime.date.today().isoformat(),
                     "compile": None if compile is None else {"mode": compile.mode, "backend": compile.backend},
+                    "quantize": args.quantize,
                     "versions": {"torch": torch.__version__, "python": host_platform.python_version()}}
     if args.device == "cuda":
         report["device"] = torch.cuda.get_device_name()
@@ -133,7 +138,7 @@ def main() -> int:
             ("flux", flux_dir, flux_size, args.flux_requests, args.flux_steps, 3.5),
             ("wan", wan_dir, wan_size, args.wan_videos, args.wan_steps, 5.0)):
         engine = DenoiserEngine(resolve_model_dir(model_dir), platform, batching=BatchOptions(max_batch=count),
-                                compile=compile)
+                                compile=compile, quantize=QuantizeOptions(args.quantize) if args.quantize else None)
         params = [Sampling(f"{name}-{i}", *size, steps, guidance, i) for i in range(count)]
         cases[name] = case(engine, params, length)
         print(name, json.dumps(cases[name]), flush=True)
@@ -143,7 +148,8 @@ def main() -> int:
     report["cases"] = cases
     report["targets"] = {"flux_speedup_at_least": 2.0, "wan_speedup_at_least": 1.0,
                          "flux_met": cases["flux"]["speedup"] >= 2.0, "wan_met": cases["wan"]["speedup"] >= 1.0}
-    suffix = ("-compiled" if compile else "") + ("-tiny" if args.tiny else "")
+    suffix = ("-compiled" if compile else "") + (f"-{args.quantize}" if args.quantize else "") + ("-tiny" if args.tiny
+                                                                                                    else "")
     out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"batching-{args.device}{suffix}-{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,8 +1,9 @@
 """Which attention kernel runs, chosen once per process by the platform layer and overridable.
 
 Choices:
-- `auto`: the platform's default (`Platform.attention`); today PyTorch's own SDPA dispatch on every platform (on an
-  H200 that is cuDNN's kernel, the fastest exact one at every shape bench/attention.py measures).
+- `auto`: the platform's choice (`Platform.auto_attention`): on Hopper and Blackwell GPUs `flash-attn-4` where it is
+  installed (below), else PyTorch's own SDPA dispatch (`Platform.attention`; on an H200 cuDNN's kernel, the fastest
+  exact one PyTorch ships at every shape bench/attention.py measures).
 - `native`: PyTorch's SDPA with its own priority order; `cudnn`, `flash`, `efficient`, `math`, `overrideable`:
   that SDPA kernel first, PyTorch's order after it (a kernel that cannot take a call, e.g. for its dtype or mask,
   falls through instead of failing).
@@ -209,7 +210,7 @@ def resolve_attention(platform: Platform, requested: str | None = None) -> Atten
     name, or an external kernel whose package is not installed, is a ValueError saying so."""
     name = (requested or os.environ.get(ATTENTION_ENV) or "auto").strip().lower()
     if name == "auto":
-        name = platform.attention
+        return _auto(platform)
     if name not in CHOICES:
         raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(CHOICES)}")
     if name == "native":
@@ -232,6 +233,17 @@ def resolve_attention(platform: Platform, requested: str | None = None) -> Atten
     if not _installed(kernel.package):
         raise ValueError(f"attention backend {name!r} needs the {kernel.package!r} package, which is not installed")
     return AttentionChoice(name, external=kernel)
+
+
+def _auto(platform: Platform) -> AttentionChoice:
+    """The first of the platform's `auto` choices that this process can use; the last is always PyTorch's own."""
+    *optional, last = platform.auto_attention()
+    for name in optional:
+        try:
+            return resolve_attention(platform, name)
+        except ValueError as why:
+            logger.debug("attention backend auto: not %s (%s)", name, why)
+    return resolve_attention(platform, last)
 
 
 def _first(kernel: SDPBackend) -> tuple[SDPBackend, ...]:

@@ -40,9 +40,10 @@ class Platform:
     # How Ulysses' exchanges travel (services/denoiser/gang/exchange.py): "collective" (the backend's all-to-all)
     # or "copy-engine" (CUDA copy engines over symmetric memory; needs every Ulysses rank on one host).
     ulysses_exchange: str = "collective"
-    # The attention kernel `--attention-backend auto` means here (services/common/attention.py). PyTorch's own
-    # pick everywhere for now: on an H200 it takes cuDNN's kernel, the fastest exact one at every served shape, and
-    # forcing cuDNN instead is no faster (bench/results/attention-cuda-*.json); on XPU it is XPU's own SDPA path.
+    # The attention kernel `--attention-backend auto` falls back to here (services/common/attention.py): PyTorch's
+    # own pick (on an H200 cuDNN's kernel, the fastest exact one PyTorch ships at every served shape:
+    # bench/results/attention-cuda-*.json; on XPU, XPU's own SDPA path). `auto_attention` may put an optional,
+    # faster kernel before it.
     attention: str = "native"
 
     def device(self, index: int | None = None) -> torch.device:
@@ -105,6 +106,16 @@ class Platform:
     def apply_collective_env(self) -> None:
         for name, value in self.collective_env:
             os.environ.setdefault(name, value)
+
+    def auto_attention(self, index: int = 0) -> tuple[str, ...]:
+        """The attention choices `--attention-backend auto` tries in turn, the first one usable here winning (an
+        optional kernel that is not installed is skipped). On CUDA devices of compute capability 9.x and 10.x
+        (Hopper, Blackwell), FlashAttention 4 first: on an H200 it is the fastest exact kernel for long sequences
+        (Wan 480p self-attention 9.55 ms against cuDNN's 11.49; a compiled Wan forward 458 ms against 512), and the
+        `flash-attn-4` choice takes cuDNN's kernel for short ones (bench/results/attention-cuda-2026-12-02.json)."""
+        if self.kind == "cuda" and not torch.version.hip and torch.cuda.get_device_capability(index)[0] in (9, 10):
+            return ("flash-attn-4", self.attention)
+        return (self.attention,)
 
     def float8_matmul_missing(self, index: int = 0) -> str | None:
         """Why this platform's device cannot run float8 matmuls with per-row scales (`--quantize fp8`), or None

@@ -57,16 +57,47 @@ def test_flash_attention_4_needs_its_package_and_flash_attn_2_is_not_fa4s_namesp
     with pytest.raises(ValueError, match="'flash-attn-4' needs the 'flash_attn.cute.interface' module"):
         resolve_attention(PLATFORMS["cpu"], "flash-attn-4")
     # FlashAttention 4's wheel installs flash_attn/ as a namespace package holding only cute/.
-    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
-    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
-    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_fa4_package(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="'flash-attn' needs the 'flash_attn_2_cuda' package"):
         resolve_attention(PLATFORMS["cpu"], "flash-attn")
     choice = resolve_attention(PLATFORMS["cpu"], "flash-attn-4")
     assert (choice.flash_impl, choice.sdpa_order[0], choice.lossy) == ("diffmesh-FA4", SDPBackend.FLASH_ATTENTION,
                                                                       False)
     assert (choice.kernel, choice.short_kernel, choice.long_from) == ("flash", "cudnn", 16384)
+
+
+def fake_fa4_package(tmp_path, monkeypatch) -> None:
+    """flash-attn-4's layout (flash_attn/ a namespace package holding only cute/), importable, kernels absent."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize(("capability", "installed", "expected"), [
+    ((9, 0), True, "flash-attn-4"),         # Hopper (H100, H200) with FA4 installed
+    ((10, 0), True, "flash-attn-4"),        # Blackwell
+    ((9, 0), False, "native"),              # not installed: PyTorch's own, nothing to fail
+    ((8, 0), True, "native"),               # Ampere: FA4 does not serve it
+    ((12, 0), True, "native"),              # consumer Blackwell (sm_120): not FA4's
+])
+def test_auto_takes_flash_attention_4_on_hopper_and_blackwell_where_installed(capability, installed, expected,
+                                                                               tmp_path, monkeypatch):
+    """CUDA faked (no GPU here): the platform layer's list for `auto`, resolved against what is installed."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    for name in [name for name in sys.modules if name.split(".")[0] == "flash_attn"]:   # another test's stand-in
+        monkeypatch.delitem(sys.modules, name)
+    if installed:
+        fake_fa4_package(tmp_path, monkeypatch)
+    choice = resolve_attention(PLATFORMS["cuda"])
+    assert choice.name == expected
+    if expected == "flash-attn-4":
+        assert (choice.flash_impl, choice.short_kernel, choice.long_from) == ("diffmesh-FA4", "cudnn", 16384)
+    # Named, the platform's list does not matter; elsewhere auto is the platform's own pick.
+    assert resolve_attention(PLATFORMS["cuda"], "cudnn").name == "cudnn"
+    assert PLATFORMS["xpu"].auto_attention() == (PLATFORMS["xpu"].attention,)
+    assert PLATFORMS["cpu"].auto_attention() == (PLATFORMS["cpu"].attention,)
 
 
 def test_a_flash_impl_choice_activates_it_in_pytorchs_registry_and_others_restore_pytorchs(monkeypatch):
