@@ -36,11 +36,12 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
 def end_with_parent(signum: int = signal.SIGTERM) -> None:
     """If this process was started with `child_env`, have it get `signum` once that parent is gone (or, started
     by a forkserver's child as a fresh interpreter, once its starter is: `STARTER_PID_ENV`)."""
+    # Both popped: our own children are bound to us, not to them.
     starter = os.environ.pop(STARTER_PID_ENV, None)
+    expected = os.environ.pop(PARENT_PID_ENV, None)
     if starter and starter.isdecimal():
         end_with_process(int(starter), signum)
         return
-    expected = os.environ.pop(PARENT_PID_ENV, None)   # popped: our own children are bound to us, not to it
     if not expected or not expected.isdecimal():
         return
     parent = int(expected)
