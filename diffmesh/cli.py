@@ -451,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dit-offload", action="store_true",
                     help="the denoiser keeps its transformer's blocks in pinned host memory and streams them to the "
                     "device block by block, for models larger than the device (one device, without --compile)")
+    # services.denoiser.quantize.METHODS, written out: `up` parses without importing torch (a test keeps them equal).
     up.add_argument("--quantize", choices=["fp8"], default=None,
                     help="fp8: the denoiser's transformer blocks run their linear layers as float8 matmuls "
                     "(torchao; lossy, faster; best with --compile; default: off)")

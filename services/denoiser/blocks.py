@@ -6,6 +6,11 @@ from __future__ import annotations
 import torch
 
 
+def diffusers_model(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers model itself: a gang rank's sequence-parallel wrapper holds it as `.model`."""
+    return transformer if hasattr(transformer, "_repeated_blocks") else getattr(transformer, "model", transformer)
+
+
 def repeated_blocks(model: torch.nn.Module, purpose: str) -> list[torch.nn.Module]:
     """The model's repeated blocks, by the class names diffusers declares in `_repeated_blocks`, matched through
     the bases: once sharded, a block is FSDP2's subclass of its own class (`FSDPWanTransformerBlock`), which

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 import torch
 
-from services.denoiser.blocks import repeated_blocks
+from services.denoiser.blocks import diffusers_model, repeated_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ class CompileOptions:
 
 def compile_blocks(transformer: torch.nn.Module, options: CompileOptions) -> torch.nn.Module:
     """Compile the repeated blocks of a loaded transformer in place (a gang's wrapper holds it as `.model`)."""
-    model = transformer if hasattr(transformer, "compile_repeated_blocks") else getattr(transformer, "model", None)
+    model = diffusers_model(transformer)
     # diffusers' compile_repeated_blocks, its blocks found through their bases too (blocks.py): a block sharded by
     # `--shard-weights` has FSDP2's hooks, which then run eagerly around the compiled forward.
-    blocks = repeated_blocks(transformer if model is None else model, "to compile (--compile)")
+    blocks = repeated_blocks(model, "to compile (--compile)")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         # The forward, not the module (see the module docstring): the cache hooks then wrap the compiled code.

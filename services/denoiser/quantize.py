@@ -17,8 +17,8 @@ matmul saves.
 The implementation is torchao's: its float8 tensor subclass, the scaled-matmul kernels PyTorch ships (cuBLAS or
 CUTLASS on CUDA, oneDNN on XPU) and its compile support. The devices it serves are the platform layer's to say
 (`Platform.float8_matmul_missing`): CUDA from compute capability 8.9, MI300/MI350, Intel XPU; elsewhere start-up
-fails saying why. One device only for now: a gang's tensor-parallel and `--shard-weights` ranks hold their weights
-as DTensors, which this path has not been tried on (refused at start-up), as is `--dit-offload`.
+fails saying why. One device only for now: a gang's ranks load their weights their own way (tensor-parallel and
+`--shard-weights` ranks as DTensors), untried with float8, so a gang is refused at start-up, as is `--dit-offload`.
 """
 
 from __future__ import annotations

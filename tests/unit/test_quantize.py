@@ -17,7 +17,7 @@ from services.common.tiny.flux import write_tiny_flux
 from services.common.tiny_model import write_tiny_model
 from services.denoiser.engine import DenoiserEngine
 from services.denoiser.offload import OffloadOptions
-from services.denoiser.quantize import QuantizeOptions, check_quantize, quantizable
+from services.denoiser.quantize import METHODS, QuantizeOptions, check_quantize, quantizable
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,9 @@ def test_up_passes_quantize_to_the_denoiser_alone():
     args = cli.build_parser().parse_args(["up", "--model", "m", "--quantize", "fp8"])
     assert cli.denoiser_speed_flags(args)[-2:] == ["--quantize", "fp8"]
     assert "--quantize" not in cli.denoiser_speed_flags(cli.build_parser().parse_args(["up", "--model", "m"]))
+    up = next(action for action in cli.build_parser()._subparsers._group_actions[0].choices["up"]._actions
+              if action.dest == "quantize")
+    assert tuple(up.choices) == METHODS
 
 
 @pytest.mark.parametrize(("family", "kept"), [
