@@ -18,7 +18,7 @@ overrides it, e.g. eager on CPU); the warm-up compiles both batch sizes before t
 ends in -compiled. `--quantize fp8` runs both with the block linears in float8 (lossy; the difference to solo is then
 between two float8 runs).
 
-    python3 bench/batching.py --device cuda [--compile]
+    python3 bench/batching.py --device cuda [--compile] [--cases flux]
     python3 bench/batching.py --device cpu --tiny      # a check that it runs: the tiny test models, few steps
 """
 
@@ -103,8 +103,12 @@ def main() -> int:
                         help="compile the blocks, as the denoiser's --compile (default: off)")
     parser.add_argument("--quantize", choices=METHODS, default=None,
                         help="the block linears as float8, as the denoiser's --quantize (lossy; default: off)")
+    parser.add_argument("--cases", default="flux,wan", help="which cases to run, comma-separated (default: both)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    chosen = set(args.cases.split(","))
+    if not chosen or not chosen <= {"flux", "wan"}:
+        parser.error(f"--cases: pick from flux, wan (got {args.cases!r})")
     platform = PLATFORMS[args.device]
     work = pathlib.Path(args.models or tempfile.mkdtemp(prefix="batching-bench-"))
     if args.tiny:
@@ -117,8 +121,11 @@ def main() -> int:
         from bench.family_shapes import write_flux_dev
         from bench.wan_shapes_model import write as write_wan
 
-        flux_dir = work / "flux-dev" if (work / "flux-dev").exists() else write_flux_dev(work / "flux-dev", args.device)
-        wan_dir = work / "wan-1.3b" if (work / "wan-1.3b").exists() else write_wan(work / "wan-1.3b", args.device)
+        flux_dir, wan_dir = work / "flux-dev", work / "wan-1.3b"
+        if "flux" in chosen and not flux_dir.exists():
+            write_flux_dev(flux_dir, args.device)
+        if "wan" in chosen and not wan_dir.exists():
+            write_wan(wan_dir, args.device)
         flux_size, wan_size, length = (512, 512, 1), (832, 480, 81), 512
     compile = None if args.compile is None else CompileOptions(
         mode=None if args.compile == "default" else args.compile,
@@ -137,6 +144,8 @@ def main() -> int:
     for name, model_dir, size, count, steps, guidance in (
             ("flux", flux_dir, flux_size, args.flux_requests, args.flux_steps, 3.5),
             ("wan", wan_dir, wan_size, args.wan_videos, args.wan_steps, 5.0)):
+        if name not in chosen:
+            continue
         engine = DenoiserEngine(resolve_model_dir(model_dir), platform, batching=BatchOptions(max_batch=count),
                                 compile=compile, quantize=QuantizeOptions(args.quantize) if args.quantize else None)
         params = [Sampling(f"{name}-{i}", *size, steps, guidance, i) for i in range(count)]
@@ -147,9 +156,10 @@ def main() -> int:
             torch.cuda.empty_cache()
     report["cases"] = cases
     report["targets"] = {"flux_speedup_at_least": 2.0, "wan_speedup_at_least": 1.0,
-                         "flux_met": cases["flux"]["speedup"] >= 2.0, "wan_met": cases["wan"]["speedup"] >= 1.0}
-    suffix = ("-compiled" if compile else "") + (f"-{args.quantize}" if args.quantize else "") + ("-tiny" if args.tiny
-                                                                                                    else "")
+                         **{f"{name}_met": cases[name]["speedup"] >= floor
+                            for name, floor in (("flux", 2.0), ("wan", 1.0)) if name in cases}}
+    suffix = ("-compiled" if compile else "") + (f"-{args.quantize}" if args.quantize else "") + (
+        "" if chosen == {"flux", "wan"} else "-" + "-".join(sorted(chosen))) + ("-tiny" if args.tiny else "")
     out = pathlib.Path(args.out or ROOT / "bench" / "results" / f"batching-{args.device}{suffix}-{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

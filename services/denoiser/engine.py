@@ -84,7 +84,8 @@ class DenoiserEngine:
         def load_component(component: str) -> torch.nn.Module:
             transformer = self.attention.install(load(model, component, weights_dtype))
             if quantize is not None:
-                transformer = quantize_blocks(transformer, platform, self.device, quantize)
+                transformer = quantize_blocks(transformer, platform, self.device, quantize,
+                                              compiled=compile is not None)
             if self.batching and self.device.type == "cpu":
                 # Bit-equal to solo on CPU (batching.py); a GPU's kernels are picked by shape anyway: within rounding.
                 transformer = make_batch_invariant(transformer)

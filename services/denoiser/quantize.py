@@ -11,8 +11,9 @@ float8 kernels take (multiples of 16) gets float8 (e4m3) weights with one scale 
 quantized the same way on the fly, one scale per token (torchao's `Float8DynamicActivationFloat8WeightConfig`,
 per-row). Embeddings, the time and text projections, the norms' modulation layers and the output layer stay as
 loaded: they are a small share of the work and the most sensitive to rounding. Quantizing the activations is an
-extra pass over them, which `--compile` fuses into the work before it; eager, that pass can cost what the faster
-matmul saves.
+extra pass over them, which `--compile` fuses into the work before it. Eager, it costs far more than the faster
+matmul saves: FLUX.1-dev 512x512 on an H200 took 377 ms a step in float8 against 84 ms in bf16 (2026-12-03,
+docs/perf-log.md), so without `--compile` start-up warns.
 
 The implementation is torchao's: its float8 tensor subclass, the scaled-matmul kernels PyTorch ships (cuBLAS or
 CUTLASS on CUDA, oneDNN on XPU) and its compile support. The devices it serves are the platform layer's to say
@@ -87,8 +88,9 @@ def quantizable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
 
 
 def quantize_blocks(transformer: torch.nn.Module, platform: Platform, device: torch.device,
-                    options: QuantizeOptions) -> torch.nn.Module:
-    """Quantize a loaded transformer's block linears in place (on `device`, where its weights are)."""
+                    options: QuantizeOptions, *, compiled: bool = True) -> torch.nn.Module:
+    """Quantize a loaded transformer's block linears in place (on `device`, where its weights are); `compiled`:
+    whether its blocks will be compiled (eager float8 is slower than bf16, so the log says so)."""
     missing = platform.float8_matmul_missing(device.index or 0)
     if missing is not None:
         raise ValueError(f"--quantize {options.method} on {device}: {missing}")
@@ -104,4 +106,8 @@ def quantize_blocks(transformer: torch.nn.Module, platform: Platform, device: to
     logger.warning("--quantize %s: %d linear layers of %s's blocks (%.2f GiB of weights) run as float8 matmuls "
                    "(lossy: outputs differ from bf16)", options.method, len(layers), type(transformer).__name__,
                    before / 2**30)
+    if not compiled:
+        logger.warning("--quantize %s without --compile: eager float8 runs slower than bf16 (each activation is "
+                       "quantized in a pass of its own; FLUX.1-dev 512x512 on an H200: 377 ms a step against 84), "
+                       "add --compile", options.method)
     return transformer
