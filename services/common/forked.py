@@ -7,6 +7,11 @@ A multiprocessing forkserver imports them once; each child forks from it. The fo
 "alive" pipe), so a child is bound to the process that started it by pid (lifeline.end_with_process), not to its
 parent. The child gets exactly the environment it is given, before any of its own code runs.
 
+A starter that has itself imported what its children need forks them directly (`from_here`): a gang's launcher
+parsed its flags and checked the model through the stage's own module, so a forkserver would only import all of it a
+second time (≈ 8 s of CPU on the 2-core test host). Like the forkserver, the launcher has touched no accelerator and
+runs no work on other threads when it forks (torch's import leaves the same idle native thread in both).
+
 A library that initializes an accelerator when imported spoils this: no child of the forkserver could use the device
 (torchao does, asking the GPU its compute capability at import, which diffusers' import brings in). A child that
 finds itself so (`accelerator_lost_to_fork`) execs a fresh interpreter instead, bound to its starter the same way:
@@ -54,10 +59,19 @@ class ForkedProcess:
     """A child server with the subprocess.Popen calls its starters make (poll, wait, send_signal, kill, pid)."""
 
     def __init__(self, module: str, argv: Sequence[str], env: dict[str, str], preload: Sequence[str],
-                 name: str, new_session: bool = False) -> None:
-        context = multiprocessing.get_context("forkserver")
-        # Taken by the forkserver when it starts (the first child); later children share what it preloaded.
-        context.set_forkserver_preload(list(dict.fromkeys([module, *preload])))
+                 name: str, new_session: bool = False, from_here: bool = False) -> None:
+        modules = list(dict.fromkeys([module, *preload]))
+        if from_here:
+            # Forked from this very process, which has imported the modules the child needs (a gang's launcher
+            # has): no forkserver importing them a second time. Only for a starter that has started no threads of
+            # its own work and touched no accelerator yet.
+            for name_ in modules:
+                importlib.import_module(name_)
+            context = multiprocessing.get_context("fork")
+        else:
+            context = multiprocessing.get_context("forkserver")
+            # Taken by the forkserver when it starts (the first child); later children share what it preloaded.
+            context.set_forkserver_preload(modules)
         self.process = context.Process(target=_run, args=(module, list(argv), dict(env), os.getpid(), new_session),
                                        name=name)
         self.process.start()

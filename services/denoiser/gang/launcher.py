@@ -5,8 +5,8 @@ loopback), exactly what torchrun or a Kubernetes controller would give it, so th
 gang spanning hosts. If any rank dies, the gang cannot go on in step: the launcher stops the rest and
 exits non-zero, so a supervisor (docker, Kubernetes, `diffmesh up`) restarts it whole.
 
-The ranks fork from a forkserver that has imported the stage's module and the model families once
-(services/common/forked.py); each ends with the launcher.
+The ranks fork from the launcher itself, which has imported the stage's module and the model families once
+(services/common/forked.py, `from_here`); each ends with the launcher.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def launch_gang(module: str, argv: list[str], devices: int, grace_seconds: float
     if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
         master["GLOO_SOCKET_IFNAME"] = "lo"
     children = [ForkedProcess(module, argv, {**os.environ, **master, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              FAMILY_MODULES, name=f"gang-rank-{rank}") for rank in range(devices)]
+                              FAMILY_MODULES, name=f"gang-rank-{rank}", from_here=True) for rank in range(devices)]
     logger.info("started a gang of %d processes (pids %s)", devices, [child.pid for child in children])
 
     stopping = False
