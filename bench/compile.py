@@ -71,7 +71,7 @@ def main() -> int:
         del model
         platform.empty_cache()
         model, inputs = wan_1_3b_at_480p(device)
-        quantize_blocks(model, platform, device, QuantizeOptions(args.quantize))
+        quantize_blocks(model, platform, device, QuantizeOptions(args.quantize), compiled=True)
         compile_blocks(model, CompileOptions(mode=args.mode))
         with torch.inference_mode():
             quantized_out = forward()

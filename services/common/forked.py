@@ -65,8 +65,8 @@ class ForkedProcess:
             # Forked from this very process, which has imported the modules the child needs (a gang's launcher
             # has): no forkserver importing them a second time. Only for a starter that has started no threads of
             # its own work and touched no accelerator yet.
-            for name_ in modules:
-                importlib.import_module(name_)
+            for preloaded in modules:
+                importlib.import_module(preloaded)
             context = multiprocessing.get_context("fork")
         else:
             context = multiprocessing.get_context("forkserver")

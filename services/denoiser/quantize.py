@@ -88,7 +88,7 @@ def quantizable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
 
 
 def quantize_blocks(transformer: torch.nn.Module, platform: Platform, device: torch.device,
-                    options: QuantizeOptions, *, compiled: bool = True) -> torch.nn.Module:
+                    options: QuantizeOptions, *, compiled: bool) -> torch.nn.Module:
     """Quantize a loaded transformer's block linears in place (on `device`, where its weights are); `compiled`:
     whether its blocks will be compiled (eager float8 is slower than bf16, so the log says so)."""
     missing = platform.float8_matmul_missing(device.index or 0)
