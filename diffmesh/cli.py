@@ -126,6 +126,8 @@ def denoiser_speed_flags(args: argparse.Namespace) -> list[str]:
         flags.append(f"--compile={args.compile}")
     if args.warmup_sizes:
         flags += ["--warmup-sizes", args.warmup_sizes]
+    if getattr(args, "compile_tuning", False):
+        flags.append("--compile-tuning")
     if getattr(args, "max_batch", None) is not None:
         flags += ["--max-batch", str(args.max_batch)]
     if getattr(args, "batch_wait_ms", None) is not None:
@@ -443,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: off)")
     up.add_argument("--warmup-sizes", default=None, metavar="WxH[xF],...",
                     help="sizes the denoiser compiles at start-up, before serving (with --compile; default: none)")
+    up.add_argument("--compile-tuning", action="store_true",
+                    help="with --compile: the denoiser tunes its compiled kernels by coordinate descent (minutes of "
+                    "compiling for a few per cent; default: off)")
     up.add_argument("--max-batch", type=int, default=None, metavar="N",
                     help="the denoiser runs up to N outputs of requests that match (size, frames, steps, guidance "
                     "branches) as one batch (default 1: each alone; one device only)")

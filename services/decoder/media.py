@@ -38,26 +38,55 @@ def encode_png(frame: np.ndarray) -> bytes:
 def encode_mp4(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
     """uint8 frames [F, H, W, 3] -> H.264 MP4 bytes. H and W must be even (ours are multiples of 16)."""
     _, height, width, _ = frames.shape
-    # faststart rewrites the file after encoding, which needs a seekable path rather than a memory buffer.
-    fd, path = tempfile.mkstemp(suffix=".mp4")
-    os.close(fd)
+    writer = Mp4Writer(width, height, fps)
     try:
-        with av.open(path, mode="w", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            # crf 18 is visually lossless; veryfast keeps encoding well under the VAE's own time.
-            stream.options = {"crf": "18", "preset": "veryfast"}
-            # Frame threads, as many as x264 picks (1.5 per core: "threads=3" in the file's x264 SEI on 2 cores).
-            # 81x480x832 on 2 cores: 358 ms (smooth frames) and 1.18 s (noise) against 583 ms and 2.2 s with one
-            # thread; 2, 3 or 4 threads do no better than x264's own pick.
-            stream.thread_type, stream.thread_count = "AUTO", 0
-            for frame in frames:
-                container.mux(stream.encode(yuv420p_frame(frame)))
-            container.mux(stream.encode())  # flush the encoder's delayed frames
-        with open(path, "rb") as f:
-            return f.read()
+        writer.add(frames)
+        return writer.finish()
     finally:
-        os.unlink(path)
+        writer.close()
+
+
+class Mp4Writer:
+    """An H.264 MP4 written a few frames at a time, so a video's encoding can run while its later frames are still
+    being decoded (services/decoder/streaming.py); `finish` flushes the encoder and returns the file's bytes. The
+    same settings and the same frames give the same file as `encode_mp4` (it is this, given every frame at once)."""
+
+    def __init__(self, width: int, height: int, fps: int = DEFAULT_FPS) -> None:
+        # faststart rewrites the file after encoding, which needs a seekable path rather than a memory buffer.
+        fd, self.path = tempfile.mkstemp(suffix=".mp4")
+        os.close(fd)
+        self.width, self.height = width, height
+        self.container = av.open(self.path, mode="w", options={"movflags": "+faststart"})
+        self.stream = self.container.add_stream("libx264", rate=fps)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        # crf 18 is visually lossless; veryfast keeps encoding well under the VAE's own time.
+        self.stream.options = {"crf": "18", "preset": "veryfast"}
+        # Frame threads, as many as x264 picks (1.5 per core: "threads=3" in the file's x264 SEI on 2 cores).
+        # 81x480x832 on 2 cores: 358 ms (smooth frames) and 1.18 s (noise) against 583 ms and 2.2 s with one
+        # thread; 2, 3 or 4 threads do no better than x264's own pick.
+        self.stream.thread_type, self.stream.thread_count = "AUTO", 0
+
+    def add(self, frames: np.ndarray) -> None:
+        """uint8 frames [f, H, W, 3], the next f of the video."""
+        if frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"frames of shape {frames.shape[1:]} in a {self.height}x{self.width} video")
+        for frame in frames:
+            self.container.mux(self.stream.encode(yuv420p_frame(frame)))
+
+    def finish(self) -> bytes:
+        self.container.mux(self.stream.encode())  # flush the encoder's delayed frames
+        self.container.close()
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def close(self) -> None:
+        """Drop the file (after `finish`, or instead of it when the request failed)."""
+        try:
+            self.container.close()
+        except Exception:  # noqa: BLE001 - already closed by finish(), or broken by the failure being handled
+            pass
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 # Rows padded to 64 bytes, as FFmpeg's own frames are and x264 expects: its AVX-512 code reads rows 64 bytes at a time.

@@ -20,6 +20,11 @@ them, in pieces, from then on (measured: the next uncached request compiled the 
 So such a run uses each block's variant (`graphs_apart`): its forward compiled from a copy of the code object,
 which dynamo keys its graphs by, so the two sets never serve each other's calls.
 
+`--compile-tuning` has inductor tune each compiled kernel's launch parameters by coordinate descent, for these
+compiles only (torch.compile's options, not the process-wide config): minutes of compiling for a few per cent
+(Wan2.1-1.3B 480x832x81 with `--quantize fp8` on an H200: a 444 ms forward after a 7 s compile untuned, 425 ms
+after ~150 s tuned, docs/perf-log.md). It replaces a mode: torch.compile takes one or the other.
+
 With request batching (batching.py) a batch of n outputs is another shape: its blocks compile once per (size, n),
 and `--warmup-sizes` with `--max-batch N` compiles n = 1..N.
 """
@@ -44,6 +49,8 @@ logger = logging.getLogger(__name__)
 COMPILE_BACKEND_ENV = "DIFFMESH_COMPILE_BACKEND"    # inductor by default; "eager" traces only (tests, debugging)
 # Shapes compiled per block before dynamo gives up and runs a block eagerly; PyTorch's default is 8.
 RECOMPILE_LIMIT = 64
+# --compile-tuning: inductor's options for these compiles (what torchao's float8 recommends, scoped here).
+TUNING_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 
 Size = tuple[int, int, int]     # width, height, frames
 _COMPILED = "_diffmesh_compiled_blocks"     # the CompileOptions, on a model whose blocks compile_blocks compiled
@@ -55,6 +62,13 @@ class CompileOptions:
     mode: str | None = None                     # torch.compile's mode: None (default), "max-autotune", ...
     backend: str = "inductor"
     warmup_sizes: tuple[Size, ...] = ()
+    tuning: bool = False                        # --compile-tuning: coordinate-descent tuning of inductor's kernels
+
+    def torch_compile_kwargs(self) -> dict:
+        """torch.compile's keywords for a block's forward (static shapes: the fastest kernels)."""
+        if self.tuning and self.backend == "inductor":
+            return {"options": TUNING_OPTIONS, "backend": self.backend, "dynamic": False}
+        return {"mode": self.mode, "backend": self.backend, "dynamic": False}
 
 
 def compile_blocks(transformer: torch.nn.Module, options: CompileOptions) -> torch.nn.Module:
@@ -64,19 +78,20 @@ def compile_blocks(transformer: torch.nn.Module, options: CompileOptions) -> tor
     # `--shard-weights` has FSDP2's hooks, which then run eagerly around the compiled forward.
     blocks = repeated_blocks(model, "to compile (--compile)")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    kwargs = options.torch_compile_kwargs()
     for block in blocks:
         # The forward, not the module (see the module docstring): the cache hooks then wrap the compiled code.
         own = block.forward
-        block.forward = torch.compile(own, mode=options.mode, backend=options.backend, dynamic=False)
+        block.forward = torch.compile(own, **kwargs)
         # Compiled at its first call only (the first TaylorSeer request of a size waits for it).
         function = getattr(own, "__func__", None)
-        variant = own if function is None else torch.compile(types.MethodType(_code_copy(function), block),
-                                                             mode=options.mode, backend=options.backend,
-                                                             dynamic=False)
+        variant = own if function is None else torch.compile(types.MethodType(_code_copy(function), block), **kwargs)
         setattr(block, _VARIANT, variant)    # a forward wrapped before compiling (no plain method): eagerly
     setattr(model, _COMPILED, options)
-    logger.info("compiling %s's %s blocks (%s, mode %s)", type(model).__name__, ", ".join(model._repeated_blocks),
-                options.backend, options.mode or "default")
+    tuning = ("coordinate-descent tuning" if "options" in kwargs else
+              "--compile-tuning ignored: inductor tunes, not " + options.backend) if options.tuning else "untuned"
+    logger.info("compiling %s's %s blocks (%s, mode %s, %s)", type(model).__name__,
+                ", ".join(model._repeated_blocks), options.backend, options.mode or "default", tuning)
     return transformer
 
 
@@ -131,13 +146,22 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                        "max-autotune; default: off)")
     group.add_argument("--warmup-sizes", type=parse_sizes, default=(), metavar="WxH[xF],...",
                        help="sizes compiled at start-up, before serving (with --compile; default: none)")
+    group.add_argument("--compile-tuning", action="store_true",
+                       help="with --compile (no MODE): tune the compiled kernels by coordinate descent; compiles take "
+                       "minutes instead of seconds, the forward a few per cent less (default: off)")
     return parser
 
 
 def compile_from_args(args: argparse.Namespace) -> CompileOptions | None:
+    tuning = getattr(args, "compile_tuning", False)
     if args.compile is None:
-        if args.warmup_sizes:
-            raise ValueError("--warmup-sizes needs --compile")
+        for flag, given in (("--warmup-sizes", args.warmup_sizes), ("--compile-tuning", tuning)):
+            if given:
+                raise ValueError(f"{flag} needs --compile")
         return None
-    return CompileOptions(mode=None if args.compile == "default" else args.compile,
-                          backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"), warmup_sizes=args.warmup_sizes)
+    mode = None if args.compile == "default" else args.compile
+    if tuning and mode is not None:
+        raise ValueError(f"--compile-tuning with --compile={mode}: torch.compile takes a mode or inductor's "
+                         "options, not both; drop one")
+    return CompileOptions(mode=mode, backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"),
+                          warmup_sizes=args.warmup_sizes, tuning=tuning)

@@ -101,7 +101,9 @@ def quantize_blocks(transformer: torch.nn.Module, platform: Platform, device: to
     layers = quantizable(transformer)
     chosen = {id(layer) for _, layer in layers}
     before = sum(layer.weight.numel() * layer.weight.element_size() for _, layer in layers)
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    # set_inductor_config=False: torchao would turn on inductor's coordinate-descent tuning for the whole process
+    # (every later compile: Wan 480p's warm-up went from 7 s to ~150 s); `--compile-tuning` asks for it, per compile.
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
               filter_fn=lambda module, _name: id(module) in chosen)
     logger.warning("--quantize %s: %d linear layers of %s's blocks (%.2f GiB of weights) run as float8 matmuls "
                    "(lossy: outputs differ from bf16)", options.method, len(layers), type(transformer).__name__,

@@ -38,6 +38,23 @@ def test_flags():
         parse_sizes("32by32")
 
 
+def test_tuning_flag_gives_inductor_its_options_for_these_compiles_only():
+    parser = add_compile_arguments(argparse.ArgumentParser())
+    options = compile_from_args(parser.parse_args(["--compile", "--compile-tuning"]))
+    assert options.tuning and options.mode is None
+    kwargs = options.torch_compile_kwargs()
+    assert kwargs["options"]["coordinate_descent_tuning"] is True and "mode" not in kwargs
+    # torch.compile checks inductor's option names when it wraps (an unknown one raises): these are current.
+    torch.compile(lambda x: x + 1, **kwargs)
+    assert not torch._inductor.config.coordinate_descent_tuning        # scoped to the compile, not the process
+    assert "options" not in CompileOptions().torch_compile_kwargs()
+    assert "options" not in CompileOptions(backend="eager", tuning=True).torch_compile_kwargs()  # inductor's only
+    with pytest.raises(ValueError, match="--compile-tuning needs --compile"):
+        compile_from_args(parser.parse_args(["--compile-tuning"]))
+    with pytest.raises(ValueError, match="--compile-tuning with --compile=max-autotune: torch.compile takes a mode"):
+        compile_from_args(parser.parse_args(["--compile=max-autotune", "--compile-tuning"]))
+
+
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     model = resolve_model_dir(write_tiny_model(tmp_path_factory.mktemp("compile") / "wan"))
@@ -72,3 +89,12 @@ def test_a_warm_up_size_the_model_cannot_take_fails_start_up(wan):
     model, _ = wan
     with pytest.raises(ValueError, match="--warmup-sizes 33x32x1: width"):
         DenoiserEngine(model, PLATFORMS["cpu"], compile=CompileOptions(backend="eager", warmup_sizes=((33, 32, 1),)))
+
+
+def test_up_passes_compile_tuning_to_the_denoiser():
+    from diffmesh import cli
+
+    args = cli.build_parser().parse_args(["up", "--model", "m", "--compile", "--compile-tuning"])
+    assert cli.denoiser_speed_flags(args) == ["--compile=default", "--compile-tuning"]
+    denoiser = add_compile_arguments(argparse.ArgumentParser())
+    assert compile_from_args(denoiser.parse_args(cli.denoiser_speed_flags(args))).tuning
