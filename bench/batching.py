@@ -16,7 +16,8 @@ with device, versions and date.
 With `--compile[=MODE]` the engine compiles its blocks as `--compile` does (inductor; $DIFFMESH_COMPILE_BACKEND
 overrides it, e.g. eager on CPU); the warm-up compiles both batch sizes before timing, and the result file's name
 ends in -compiled. `--quantize fp8` runs both with the block linears in float8 (lossy; the difference to solo is then
-between two float8 runs).
+between two float8 runs), then the same requests one after another without it, in the same run: the speed-up over
+that and the float8 outputs' difference from those bf16 ones are reported too.
 
     python3 bench/batching.py --device cuda [--compile] [--cases flux]
     python3 bench/batching.py --device cpu --tiny      # a check that it runs: the tiny test models, few steps
@@ -60,18 +61,26 @@ def synchronize(engine: DenoiserEngine) -> None:
         torch.cuda.synchronize(engine.device)
 
 
-def case(engine: DenoiserEngine, params: list[Sampling], length: int) -> dict:
-    members = [Member(p, conditioning(engine, p, 1000 + p.seed, length)) for p in params]
-    # Warm-up (kernels, allocator) at both batch sizes, on a shortened run.
-    short = [Member(Sampling(m.params.request_id, m.params.width, m.params.height, m.params.num_frames, 2,
-                             m.params.guidance_scale, m.params.seed), m.tensors) for m in members]
-    denoise_together(engine, short)
-    engine.denoise(short[0].params, short[0].tensors)
+def shortened(members: list[Member]) -> list[Member]:
+    """The same members on a 2-step run: a warm-up (kernels, compiles, allocator)."""
+    return [Member(Sampling(m.params.request_id, m.params.width, m.params.height, m.params.num_frames, 2,
+                            m.params.guidance_scale, m.params.seed), m.tensors) for m in members]
+
+
+def one_after_another(engine: DenoiserEngine, members: list[Member]) -> tuple[float, list[torch.Tensor]]:
     synchronize(engine)
     started = time.perf_counter()
-    solo = [engine.denoise(m.params, m.tensors) for m in members]
+    outputs = [engine.denoise(m.params, m.tensors) for m in members]
     synchronize(engine)
-    sequential_s = time.perf_counter() - started
+    return time.perf_counter() - started, outputs
+
+
+def case(engine: DenoiserEngine, params: list[Sampling], length: int) -> tuple[dict, list[Member]]:
+    members = [Member(p, conditioning(engine, p, 1000 + p.seed, length)) for p in params]
+    short = shortened(members)
+    denoise_together(engine, short)
+    engine.denoise(short[0].params, short[0].tensors)
+    sequential_s, solo = one_after_another(engine, members)
     started = time.perf_counter()
     denoise_together(engine, members)
     synchronize(engine)
@@ -87,7 +96,20 @@ def case(engine: DenoiserEngine, params: list[Sampling], length: int) -> dict:
             "one_after_another_s": round(sequential_s, 3), "batched_s": round(batched_s, 3),
             "speedup": round(sequential_s / batched_s, 3),
             "bit_equal_to_solo": all(torch.equal(m.result, s) for m, s in zip(members, solo, strict=True)),
-            "max_abs_diff_to_solo": max(diffs), "max_relative_l2_to_solo": max(rel)}
+            "max_abs_diff_to_solo": max(diffs), "max_relative_l2_to_solo": max(rel)}, members
+
+
+def unquantized_reference(engine: DenoiserEngine, members: list[Member], batched_s: float) -> dict:
+    """The same requests one after another without --quantize (the mesh without the feature), in the same run:
+    what a batch of float8 requests is faster than, and how far its outputs are from the bf16 ones (lossy)."""
+    engine.denoise(shortened(members)[0].params, members[0].tensors)
+    seconds, outputs = one_after_another(engine, members)
+    diffs = [(m.result.float() - out.float()) for m, out in zip(members, outputs, strict=True)]
+    return {"unquantized_one_after_another_s": round(seconds, 3),
+            "speedup_over_unquantized_solo": round(seconds / batched_s, 3),
+            "max_abs_diff_to_unquantized_solo": max(float(d.abs().max()) for d in diffs),
+            "max_relative_l2_to_unquantized_solo": max(float(d.norm() / out.float().norm())
+                                                       for d, out in zip(diffs, outputs, strict=True))}
 
 
 def main() -> int:
@@ -149,11 +171,18 @@ def main() -> int:
         engine = DenoiserEngine(resolve_model_dir(model_dir), platform, batching=BatchOptions(max_batch=count),
                                 compile=compile, quantize=QuantizeOptions(args.quantize) if args.quantize else None)
         params = [Sampling(f"{name}-{i}", *size, steps, guidance, i) for i in range(count)]
-        cases[name] = case(engine, params, length)
+        cases[name], members = case(engine, params, length)
         print(name, json.dumps(cases[name]), flush=True)
         del engine
         if args.device == "cuda":
             torch.cuda.empty_cache()
+        if args.quantize:
+            engine = DenoiserEngine(resolve_model_dir(model_dir), platform, compile=compile)
+            cases[name].update(unquantized_reference(engine, members, cases[name]["batched_s"]))
+            print(name, "unquantized", json.dumps(cases[name]), flush=True)
+            del engine
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     report["cases"] = cases
     report["targets"] = {"flux_speedup_at_least": 2.0, "wan_speedup_at_least": 1.0,
                          **{f"{name}_met": cases[name]["speedup"] >= floor

@@ -5,8 +5,10 @@ Three cases, at the real models' shapes with random weights (real weights cannot
 FLUX.1's VAE (bench/family_shapes.py's config) decoding 1024x1024 to a PNG.
 
 1. In this process, the decoder engine's own path: `decode_pixels` (the VAE, the rounding to uint8 on the device, the
-   copy to the host; what the decoder's VAE gate covers) against `encode_files` (the PNG or MP4 of
-   services/decoder/media.py, run after the gate) and, for images, the gateway's JPEG and WebP made from that PNG
+   copy to the host; what the decoder's VAE gate covers) against the files made from its pixels afterwards (the PNG
+   or MP4 of services/decoder/media.py through a `FileWriter`), and both as the decoder serves them, streamed: the
+   writer encoding on another thread while the VAE hands over its chunks (`streamed_ms`, against
+   `vae_then_files_ms`), and, for images, the gateway's JPEG and WebP made from that PNG
    (`media_assets.encode_image`, as the REST API's output_format does). The issue's target: a file costs no more
    than the VAE decode that made it.
 2. Through a real `diffmesh serve decoder` on the same model directory: --requests Decode calls (default 3) sent
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -132,14 +135,47 @@ def check_mp4(data: bytes, shape: tuple[int, ...]) -> None:
 
 def in_process(case: Case, engine, latents: torch.Tensor, repeats: int) -> dict:
     from services.decoder.engine import DecodeParams
+    from services.decoder.writer import FileWriter
     from services.gateway import media_assets
 
     params = DecodeParams("bench", format=case.format)
-    vae_s, host = timed_s(lambda: engine.decode_pixels(params, latents), repeats)
-    files_s, decoded = timed_s(lambda: engine.encode_files(params, host), repeats)
+    kept: list[np.ndarray] = []
+
+    class Kept(FileWriter):
+        """Keeps the pixels handed over, for the files timed apart below."""
+
+        def add(self, pixels: np.ndarray) -> None:
+            kept.append(pixels)
+
+    def vae() -> None:
+        kept.clear()
+        engine.decode_pixels(params, latents, Kept(case.format))
+
+    def files():
+        writer = FileWriter(case.format)
+        for chunk in kept:
+            writer.add(chunk)
+        writer.close()
+        return writer.write()
+
+    def streamed():
+        # As the decoder serves: the files written on another thread while the VAE hands over its chunks.
+        writer = engine.file_writer(params, latents)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            written = pool.submit(writer.write)
+            engine.decode_pixels(params, latents, writer)
+            return written.result()
+
+    vae_s, _ = timed_s(vae, repeats)
+    pixels = np.concatenate(kept, axis=1)
+    files_s, media = timed_s(files, repeats)
+    streamed_s, _ = timed_s(streamed, repeats)
+    decoded = types.SimpleNamespace(media=media)
+    host = types.SimpleNamespace(pixels=pixels)
     [item] = decoded.media
     result = {"latents": list(latents.shape), "pixels": list(host.pixels.shape),
-              "vae_decode_ms": round(1000 * vae_s, 2),
+              "vae_decode_ms": round(1000 * vae_s, 2), "vae_then_files_ms": round(1000 * (vae_s + files_s), 2),
+              "streamed_ms": round(1000 * streamed_s, 2),
               "files": {case.format: {"ms": round(1000 * files_s, 2), "bytes": len(item.data)}}}
     if case.format == "png":
         check_png(item.data, host.pixels[0, 0])
@@ -318,8 +354,10 @@ def main() -> int:
         "cases": results,
         "notes": ("random weights at the real VAE configs: noise-like frames, the encoders' worst case. in_process: "
                   "medians; vae_decode_ms is decode_pixels (VAE + uint8 + copy to the host, what the VAE gate "
-                  "covers), files are encode_files (the decoder's) and media_assets.encode_image (the gateway's "
-                  "JPEG/WebP from the PNG). server: the best of the repeats; decode_s and media_encode_s are the "
+                  "covers), files are the decoder's FileWriter on those pixels afterwards, streamed_ms the two as "
+                  "the decoder serves them (the writer on another thread as the chunks come), and "
+                  "media_assets.encode_image (the gateway's JPEG/WebP from the PNG). server: the best of the "
+                  "repeats; decode_s and media_encode_s are the "
                   "decoder's own phase totals over the run."
                   + (" SMOKE: tiny shapes, nothing here says anything about speed." if smoke else "")),
     }

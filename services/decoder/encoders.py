@@ -1,5 +1,6 @@
-"""The decoder's file encoders: threads that turn a request's decoded pixels into its PNG / MP4 files once the VAE is
-done with it, so that the next request's VAE decode runs while this one's files are encoded (issue 15).
+"""The decoder's file encoders: threads that turn a request's decoded pixels into its PNG / MP4 files as the VAE hands
+them over (services/decoder/writer.py), so that a video's encoding overlaps its own decode and the next request's
+VAE decode runs while this one's last files are encoded (issue 15).
 
 Bounded on both sides. The servicer takes a place here inside its VAE gate, before the decode, and holds it until
 the request's files are done: at most `workers + backlog` requests' pixels are on the host at once (a 480x832x81
@@ -34,12 +35,17 @@ class Place:
         self._pool = pool
         self.future: concurrent.futures.Future | None = None
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` on an encoder thread, in the caller's context (its request id in the logs, its trace)."""
+    def start(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """`fn(*args)` on an encoder thread from now, in the caller's context (its request id in the logs, its
+        trace); its result is the future's."""
         if self.future is not None:
             raise RuntimeError("a place runs one request's encoding")
         self.future = self._pool.submit(contextvars.copy_context().run, fn, *args)
-        return await asyncio.wrap_future(self.future)
+        return asyncio.wrap_future(self.future)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on an encoder thread, awaited."""
+        return await self.start(fn, *args)
 
 
 class FileEncoders:

@@ -2,14 +2,17 @@
 
 The model's family de-normalises, decodes and post-processes exactly as its pipeline does after its loop, so
 the frames equal the pipeline's `output_type="np"`; this engine checks, and encodes the files. Two parts, which the
-server runs apart: `decode_pixels` needs the VAE (latents -> frames on the device -> uint8 pixels on the host),
-`encode_files` only the CPU (pixels -> PNG / MP4), so the VAE can take the next request meanwhile.
+server runs apart: `decode_pixels` needs the VAE (latents -> frames on the device -> uint8 pixels on the host, into
+the request's `FileWriter` chunk by chunk as the family decodes them), the writer's `write` only the CPU (pixels ->
+PNG / MP4, services/decoder/writer.py), on another thread: a video is encoded while its later frames decode, and
+the VAE takes the next request while this one's last frames are encoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.decoder import media
 from services.decoder.tiling import VaeTiling
+from services.decoder.writer import FileWriter, MediaItem
 from services.families import family_for
 
 logger = logging.getLogger(__name__)
@@ -46,21 +50,6 @@ class ConditionParams:
     width: int
     height: int
     num_frames: int
-
-
-@dataclasses.dataclass(frozen=True)
-class MediaItem:
-    mime_type: str
-    data: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class HostFrames:
-    """A request's decoded frames on the host, what its files are made from: the device is done with them."""
-
-    format: str                   # png | mp4 | none ("auto" resolved)
-    pixels: np.ndarray | None     # uint8 [n, F, H, W, 3] for the files; None for "none"
-    frames: np.ndarray | None     # float32 [n, F, H, W, 3] in 0..1, when asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,19 +102,31 @@ class DecoderEngine:
                 metrics.phase("condition_encode", self.model_name):
             return self.decoding.encode_condition(image, params.width, params.height, params.num_frames)
 
+    def file_writer(self, params: DecodeParams, latents: torch.Tensor) -> FileWriter:
+        """The writer of this request's files ("auto": a PNG for one frame, else an MP4), for checked latents."""
+        fmt = params.format
+        if fmt == "auto":
+            fmt = "mp4" if latents.dim() == 5 and latents.shape[2] > 1 else "png"
+        return FileWriter(fmt, params.fps, self.model_name)
+
     def decode(self, params: DecodeParams, latents: torch.Tensor) -> Decoded:
-        """Latents -> files in one call: the VAE's part, then the CPU's."""
-        return self.encode_files(params, self.decode_pixels(params, latents))
+        """Latents -> files in one call: the VAE's part, then the files (one after the other, on this thread)."""
+        self.check(params, latents)
+        files = self.file_writer(params, latents)
+        frames = self.decode_pixels(params, latents, files)
+        return Decoded(media=files.write(), frames=frames)
 
     @torch.inference_mode()
-    def decode_pixels(self, params: DecodeParams, latents: torch.Tensor) -> HostFrames:
-        """The part that needs the VAE: latents -> what the files are made from, on the host."""
+    def decode_pixels(self, params: DecodeParams, latents: torch.Tensor, files: FileWriter) -> np.ndarray | None:
+        """The part that needs the VAE: latents -> pixels into `files`, chunk by chunk, then closed (aborted if the
+        decode fails); the float frames [n, F, H, W, 3] on the host when asked for."""
         # 1. Check inputs
         self.check(params, latents)
-        # 2. The family's decode: de-normalise, VAE decode, post-process as its pipeline does (on the device)
-        frames = self.decode_frames(latents)                                         # [n, F, H, W, 3]
-        # 3. To the host
-        return self.to_host(params, frames)
+        # 2. The family's decode, chunk by chunk: de-normalise, VAE decode, post-process as its pipeline does
+        frame_pixels = latents.shape[-2] * latents.shape[-1] * self.decoding.spatial_scale ** 2
+        with self.tiling.applied(self.decoding.vae, frame_pixels), metrics.phase("decode", self.model_name):
+            # 3. To the host, each chunk into the files as it comes
+            return self.deliver(params, files, lambda: self.decoding.decode_chunks(latents))
 
     def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
         """Checked latents -> frames float32 [n, F, H, W, 3] in 0..1 on the device, tiled as the policy says."""
@@ -133,25 +134,20 @@ class DecoderEngine:
         with self.tiling.applied(self.decoding.vae, frame_pixels), metrics.phase("decode", self.model_name):
             return self.decoding.decode(latents)
 
-    def to_host(self, params: DecodeParams, frames: torch.Tensor) -> HostFrames:
-        """Frames on the device -> uint8 pixels for the files (rounded as diffusers' numpy_to_pil does, on the device,
-        so a quarter of the bytes cross) and the float frames when asked, on the host."""
-        fmt = params.format
-        if fmt == "auto":
-            fmt = "png" if frames.shape[1] == 1 else "mp4"
-        pixels = (frames * 255).round().to(torch.uint8).cpu().numpy() if fmt != "none" else None
-        frames_out = frames.cpu().numpy() if params.return_frames else None
-        return HostFrames(format=fmt, pixels=pixels, frames=frames_out)
-
-    def encode_files(self, params: DecodeParams, frames: HostFrames) -> Decoded:
-        """Host frames -> the files asked for (and the float frames when asked). CPU only: the server runs it on its
-        file encoders' threads (services/decoder/encoders.py) while the VAE decodes the next request."""
-        items: list[MediaItem] = []
-        if frames.pixels is not None:
-            with metrics.phase("media_encode", self.model_name, format=frames.format):
-                for clip in frames.pixels:
-                    if frames.format == "png":
-                        items.append(MediaItem("image/png", media.encode_png(clip[0])))
-                    else:
-                        items.append(MediaItem("video/mp4", media.encode_mp4(clip, params.fps)))
-        return Decoded(media=items, frames=frames.frames)
+    def deliver(self, params: DecodeParams, files: FileWriter,
+                chunks: Callable[[], Iterable[torch.Tensor]]) -> np.ndarray | None:
+        """Frames on the device, chunk by chunk -> uint8 pixels into `files` (rounded as diffusers' numpy_to_pil
+        does, on the device, so a quarter of the bytes cross), then `files` closed; the float frames on the host
+        when asked. Any failure aborts `files` (its `write` stops) and is raised."""
+        kept: list[np.ndarray] = []
+        try:
+            for frames in chunks():                                                   # [n, f, H, W, 3]
+                if files.format != "none":
+                    files.add((frames * 255).round().to(torch.uint8).cpu().numpy())
+                if params.return_frames:
+                    kept.append(frames.cpu().numpy())
+        except BaseException:
+            files.abort()
+            raise
+        files.close()
+        return np.concatenate(kept, axis=1) if kept else None

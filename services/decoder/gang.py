@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from services.common import logs, metrics
@@ -33,9 +34,10 @@ from services.common.errors import Unavailable
 from services.common.images import decode_image
 from services.common.server import StartupError
 from services.common.stage import StageSpec, setup_stage
-from services.decoder.engine import ConditionParams, Decoded, DecodeParams, DecoderEngine, HostFrames
+from services.decoder.engine import ConditionParams, Decoded, DecodeParams, DecoderEngine
 from services.decoder.parallel_vae import RowParallelVae, RowSplit, gather_rows, row_sizes, slab
 from services.decoder.tiling import tiling_from_args
+from services.decoder.writer import FileWriter
 from services.denoiser.gang.distributed import STOP, LeaderAndFollowers, Ranks  # noqa: F401  (STOP: re-exported)
 from services.denoiser.gang.worker import follow, lead, leave_stopping_to_the_leader
 
@@ -96,21 +98,27 @@ class DecoderGangExecutor(LeaderAndFollowers):
 
     # The leader: check -> hand over -> run ------------------------------------------------------------------
 
+    def file_writer(self, params: DecodeParams, latents: torch.Tensor) -> FileWriter:
+        return self.engine.file_writer(params, latents)
+
     def decode(self, params: DecodeParams, latents: torch.Tensor) -> Decoded:
-        return self.encode_files(params, self.decode_pixels(params, latents))
-
-    def decode_pixels(self, params: DecodeParams, latents: torch.Tensor) -> HostFrames:
-        """Checked here first, so that a bad request fails on the leader alone and the gang stays in step. The
-        gang's part ends with the whole frames on the leader's host: the servicer gives the gang the next request
-        while the leader's file encoders encode this one's."""
         self.engine.check(params, latents)
-        frames = self._lead(DecodeMessage(params, tuple(latents.shape), latents.dtype),
-                            lambda: self._decode(latents.to(self.gang.device).contiguous()))
-        return self.engine.to_host(params, frames)
+        files = self.file_writer(params, latents)
+        frames = self.decode_pixels(params, latents, files)
+        return Decoded(media=files.write(), frames=frames)
 
-    def encode_files(self, params: DecodeParams, frames: HostFrames) -> Decoded:
-        """On the leader alone, off the gang: no rank takes part, and a failure here leaves the gang in step."""
-        return self.engine.encode_files(params, frames)
+    def decode_pixels(self, params: DecodeParams, latents: torch.Tensor, files: FileWriter) -> np.ndarray | None:
+        """Checked here first, so that a bad request fails on the leader alone and the gang stays in step. The
+        gang's part ends with the whole frames on the leader's host, handed to `files`: the servicer gives the gang
+        the next request while the leader's file encoders write this one's (off the gang: no rank takes part, and
+        a failure there leaves the gang in step)."""
+        self.engine.check(params, latents)
+
+        def whole() -> list[torch.Tensor]:
+            return [self._lead(DecodeMessage(params, tuple(latents.shape), latents.dtype),
+                               lambda: self._decode(latents.to(self.gang.device).contiguous()))]
+
+        return self.engine.deliver(params, files, whole)
 
     def encode_condition(self, params: ConditionParams) -> dict[str, torch.Tensor]:
         self.engine.check_condition(params)

@@ -26,7 +26,7 @@ from services.common.stage import StageSpec, serve_stage, stage_parser
 from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
 from services.decoder import media
 from services.decoder.encoders import FileEncoders
-from services.decoder.engine import ConditionParams, DecodeParams, DecoderEngine
+from services.decoder.engine import ConditionParams, Decoded, DecodeParams, DecoderEngine
 from services.decoder.tiling import add_tiling_arguments, tiling_from_args
 from services.denoiser.gang.distributed import DEFAULT_COLLECTIVE_TIMEOUT, env_rank
 from services.denoiser.gang.launcher import launch_gang
@@ -67,15 +67,22 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         if "latents" not in tensors:
             raise InvalidArgument("latents", "missing from the stream")
         self.engine.check(params, tensors["latents"])
-        # The gate is held for the VAE's part only; the files are encoded after it, on the encoders' threads, while
-        # the next request decodes. The place among the encoders is taken inside the gate and before the decode,
-        # and kept until the files are done: while the encoders are full the VAE waits, so decoded pixels never
-        # pile up (services/decoder/encoders.py).
+        # The gate is held for the VAE's part only. The files are written on an encoder thread as the VAE hands over
+        # its frames, and after it while the next request decodes. The place among the encoders is taken inside the
+        # gate and before the decode, and kept until the files are done: while the encoders are full the VAE waits,
+        # so decoded pixels never pile up (services/decoder/encoders.py).
         async with contextlib.AsyncExitStack() as held:
             async with self.gate:
                 place = await held.enter_async_context(self.encoders.place())
-                frames = await asyncio.to_thread(self.engine.decode_pixels, params, tensors["latents"])
-            decoded = await place.run(self.engine.encode_files, params, frames)
+                files = self.engine.file_writer(params, tensors["latents"])
+                written = place.start(files.write)
+                try:
+                    frames = await asyncio.to_thread(self.engine.decode_pixels, params, tensors["latents"], files)
+                except BaseException:
+                    files.abort()       # the decode failed or this call was cancelled: no files
+                    written.cancel()    # nobody waits for them (the thread stops at the abort)
+                    raise
+            decoded = Decoded(media=await written, frames=frames)
         for index, item in enumerate(decoded.media):
             for chunk in iter_media_chunks(index, item.mime_type, item.data):
                 yield decoder_pb2.DecodeResponse(media=chunk)

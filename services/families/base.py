@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -203,6 +203,12 @@ class Decoding(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as they travel -> frames float32 [n, F, H, W, 3] in 0..1, on the device."""
+
+    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`decode`'s frames a few at a time, in order ([n, f, H, W, 3] each; together exactly `decode`'s), so the
+        first can go to the host and into the video file while the VAE decodes the rest. A VAE that decodes all
+        frames at once yields them once."""
+        yield self.decode(latents)
 
     def encode_condition(self, image: Image.Image, width: int, height: int, num_frames: int) -> dict[str, torch.Tensor]:
         """The conditioning image through the VAE's encoder, float32 on the CPU (models that take an image)."""

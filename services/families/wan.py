@@ -12,10 +12,10 @@ returns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d, unpatchify
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -231,17 +231,51 @@ class WanDecoding(Decoding):
             raise InvalidArgument("latents", f"shape {list(latents.shape)} is not [n, {self.z_dim}, T, H, W]")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        video = self.vae.decode(self._normalized(latents), return_dict=False)[0]        # [n, 3, F, H, W]
+        return self._frames(video)
+
+    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """AutoencoderKLWan's own decode loop (`_decode`: one latent frame at a time through its causal decoder,
+        its cache carrying the frames before), each chunk post-processed as it comes: the frames are exactly
+        `decode`'s, whose `torch.cat` and clamp act frame by frame. Tiled, it decodes whole (diffusers' tiles
+        run the loop per tile)."""
+        vae = self.vae
+        z = self._normalized(latents)
+        height, width = z.shape[-2:]
+        scale = vae.spatial_compression_ratio
+        if vae.use_tiling and (width > vae.tile_sample_min_width // scale or
+                               height > vae.tile_sample_min_height // scale):
+            yield self._frames(vae.decode(z, return_dict=False)[0])
+            return
+        vae.clear_cache()
+        try:
+            x = vae.post_quant_conv(z)
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0)
+                if vae.config.patch_size is not None:
+                    out = unpatchify(out, patch_size=vae.config.patch_size)
+                yield self._frames(torch.clamp(out, min=-1.0, max=1.0))
+        finally:
+            vae.clear_cache()
+
+    def _normalized(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as they travel -> the VAE's input, de-normalised as WanPipeline does after its loop."""
         dtype = self.vae.dtype
         latents = latents.to(self.device, dtype)
         mean = self.latents_mean.to(self.device, dtype)
         # Cast, then invert, in the VAE's dtype: WanPipeline's `1.0 / tensor(std).to(dtype)` does exactly that,
         # and in bfloat16 inverting first gives different frames.
         inv_std = 1.0 / self.latents_std.to(self.device, dtype)
-        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]       # [n, 3, F, H, W]
-        # Post-process as WanPipeline's VideoProcessor does (denormalize in the VAE's dtype, then float32).
+        return latents / inv_std + mean
+
+    def _frames(self, video: torch.Tensor) -> torch.Tensor:
+        """The VAE's [n, 3, F, H, W] in -1..1 -> frames [n, F, H, W, 3] in 0..1, as WanPipeline's VideoProcessor
+        post-processes (denormalize in the VAE's dtype, then float32)."""
         if self.video_processor.config.do_normalize:
             video = self.video_processor.denormalize(video)
-        return video.permute(0, 2, 3, 4, 1).float()                                   # [n, F, H, W, 3]
+        return video.permute(0, 2, 3, 4, 1).float()
 
 
 class WanFamily(Family):
