@@ -145,7 +145,8 @@ def test_start_up_warns_when_float8_runs_eager(compiled, wan_dir, monkeypatch, c
     quantized = []
     stand_in = types.ModuleType("torchao.quantization")
     stand_in.PerRow = lambda: "per-row"
-    stand_in.Float8DynamicActivationFloat8WeightConfig = lambda granularity: granularity
+    stand_in.Float8DynamicActivationFloat8WeightConfig = lambda granularity, set_inductor_config: (
+        granularity, set_inductor_config)
     stand_in.quantize_ = lambda model, config, filter_fn: quantized.append(config)
     monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
     monkeypatch.setitem(sys.modules, "torchao.quantization", stand_in)
@@ -153,7 +154,8 @@ def test_start_up_warns_when_float8_runs_eager(compiled, wan_dir, monkeypatch, c
     caplog.set_level("WARNING", logger="services.denoiser.quantize")
     DenoiserEngine(wan_dir, PLATFORMS["cpu"], quantize=QuantizeOptions("fp8"),
                    compile=CompileOptions(backend="eager") if compiled else None)
-    assert quantized == ["per-row"]
+    # set_inductor_config=False: torchao leaves inductor's process-wide settings alone (--compile-tuning is ours)
+    assert quantized == [("per-row", False)]
     warned = [r.getMessage() for r in caplog.records if "without --compile" in r.getMessage()]
     assert warned == ([] if compiled else ["--quantize fp8 without --compile: eager float8 runs slower than bf16 "
                                            "(each activation is quantized in a pass of its own; FLUX.1-dev 512x512 "
