@@ -139,10 +139,18 @@ def denoiser_speed_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def decoder_speed_flags(args: argparse.Namespace) -> list[str]:
+    """`diffmesh up --compile-vae`: the decoder compiles its VAE decoder and warms up `--warmup-sizes` too."""
+    if not getattr(args, "compile_vae", False):
+        return []
+    return ["--compile-vae", *(["--vae-warmup-sizes", args.warmup_sizes] if args.warmup_sizes else [])]
+
+
 def stage_command(args: argparse.Namespace, stage: str, common: list[str], port_file: pathlib.Path,
                   placement: Placement) -> tuple[list[str], dict[str, str]]:
     """One stage's flags under `up`, and what `up` adds to its environment (its devices)."""
-    extra = [*gang_flags(args), *denoiser_speed_flags(args)] if stage == "denoiser" else []
+    extra = {"denoiser": [*gang_flags(args), *denoiser_speed_flags(args)],
+             "decoder": decoder_speed_flags(args)}.get(stage, [])
     port = str(getattr(args, f"{stage}_port") or 0)
     return [*common, *extra, *placement.argv, "--port", port, "--port-file", str(port_file)], dict(placement.env)
 
@@ -448,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--compile-tuning", action="store_true",
                     help="with --compile: the denoiser tunes its compiled kernels by coordinate descent (minutes of "
                     "compiling for a few per cent; default: off)")
+    up.add_argument("--compile-vae", action="store_true",
+                    help="the decoder compiles its VAE decoder, warming up --warmup-sizes before serving (default: "
+                    "off)")
     up.add_argument("--max-batch", type=int, default=None, metavar="N",
                     help="the denoiser runs up to N outputs of requests that match (size, frames, steps, guidance "
                     "branches) as one batch (default 1: each alone; one device only)")

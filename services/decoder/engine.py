@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -20,10 +21,11 @@ import torch
 from services.common import metrics
 from services.common.errors import InvalidArgument
 from services.common.images import decode_image
-from services.common.limits import MAX_FRAMES, MAX_SIDE
+from services.common.limits import MAX_FRAMES, MAX_SIDE, check_frames, check_side
 from services.common.models import ModelDir
 from services.common.platform import Platform
 from services.decoder import media
+from services.decoder.compile import VaeCompile, compile_vae_decoder
 from services.decoder.tiling import VaeTiling
 from services.decoder.writer import FileWriter, MediaItem
 from services.families import family_for
@@ -60,15 +62,44 @@ class Decoded:
 
 class DecoderEngine:
     def __init__(self, model: ModelDir, platform: Platform, dtype: torch.dtype | None = None,
-                 tiling: VaeTiling = VaeTiling(), device: torch.device | None = None) -> None:
+                 tiling: VaeTiling = VaeTiling(), device: torch.device | None = None,
+                 compile_vae: VaeCompile | None = None) -> None:
         self.model_name = model.name
         self.device = device or platform.device()      # a gang rank's own device (services/decoder/gang.py)
+        self.platform = platform
         self.family = family_for(model)
         self.limits = self.family.limits(model)
         self.decoding = self.family.decoding(model, dtype or platform.default_dtype(), self.device)
         self.tiling = tiling
+        self.compiled_shapes: set[tuple[int, ...]] | None = None     # latent shapes the compiled decoder has seen
         logger.info("decoder loaded %s (%s family) on %s, VAE tiling %s", model.path, self.family.name,
                     self.device, tiling.mode)
+        if compile_vae is not None:
+            compile_vae_decoder(self.decoding.vae, compile_vae)
+            self.compiled_shapes = set()
+            logger.info("VAE decoder compiled (%s): each latent shape compiles at its first decode",
+                        compile_vae.backend)
+            self.warm_up(compile_vae.warmup_sizes)
+
+    def warm_up(self, sizes: tuple[tuple[int, int, int], ...]) -> None:
+        """Decode zero latents of each size (no files), so that their compile is done before serving; a size this
+        model cannot make fails start-up naming it."""
+        for width, height, frames in sizes:
+            try:
+                check_side("width", width, self.limits.size_multiple, self.limits.max_side)
+                check_side("height", height, self.limits.size_multiple, self.limits.max_side)
+                if self.limits.frame_multiple:
+                    check_frames(frames, self.limits.frame_multiple, self.limits.max_frames)
+                elif frames != 1:
+                    raise InvalidArgument("num_frames", f"{frames}, but {self.model_name} makes images")
+            except InvalidArgument as error:
+                raise ValueError(f"--vae-warmup-sizes {width}x{height}x{frames}: {error.message}") from None
+            latents = self.decoding.warmup_latents(width, height, frames)
+            started = time.perf_counter()
+            self.decode_pixels(DecodeParams("warmup", format="none"), latents, FileWriter("none"))
+            self.platform.synchronize()
+            logger.info("VAE decoder compiled for %dx%dx%d in %.1fs", width, height, frames,
+                        time.perf_counter() - started)
 
     def check(self, params: DecodeParams, latents: torch.Tensor) -> None:
         if params.format not in FORMATS:
@@ -122,11 +153,21 @@ class DecoderEngine:
         decode fails); the float frames [n, F, H, W, 3] on the host when asked for."""
         # 1. Check inputs
         self.check(params, latents)
+        self.note_compile(tuple(latents.shape), params.request_id)
         # 2. The family's decode, chunk by chunk: de-normalise, VAE decode, post-process as its pipeline does
         frame_pixels = latents.shape[-2] * latents.shape[-1] * self.decoding.spatial_scale ** 2
         with self.tiling.applied(self.decoding.vae, frame_pixels), metrics.phase("decode", self.model_name):
             # 3. To the host, each chunk into the files as it comes
             return self.deliver(params, files, lambda: self.decoding.decode_chunks(latents))
+
+    def note_compile(self, shape: tuple[int, ...], request_id: str) -> None:
+        """Say when a request waits for the compiled decoder to compile its latents' shape."""
+        if self.compiled_shapes is None or shape in self.compiled_shapes:
+            return
+        if request_id != "warmup":
+            logger.info("compiling the VAE decoder for latents %s (not in --vae-warmup-sizes): this request waits "
+                        "for it", list(shape))
+        self.compiled_shapes.add(shape)
 
     def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
         """Checked latents -> frames float32 [n, F, H, W, 3] in 0..1 on the device, tiled as the policy says."""

@@ -25,6 +25,7 @@ from services.common.server import AdmissionGate, rpc_method, run_until_stopped
 from services.common.stage import StageSpec, serve_stage, stage_parser
 from services.common.tensors import iter_chunks, iter_media_chunks, receive_params_and_tensors
 from services.decoder import media
+from services.decoder.compile import add_vae_compile_arguments, check_vae_compile, vae_compile_from_args
 from services.decoder.encoders import FileEncoders
 from services.decoder.engine import ConditionParams, Decoded, DecodeParams, DecoderEngine
 from services.decoder.tiling import add_tiling_arguments, tiling_from_args
@@ -113,6 +114,7 @@ def positive_seconds(text: str) -> float:
 
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     add_tiling_arguments(parser)
+    add_vae_compile_arguments(parser)
     gang = parser.add_argument_group("gang", "several devices decoding each video together, by rows of its frames")
     gang.add_argument("--devices", type=int, default=None,
                       help="processes/devices decoding each video together, exactly as one device does (default 1, "
@@ -130,7 +132,7 @@ SPEC = StageSpec(
     servicer_class=DecoderServicer,
     add_to_server=decoder_pb2_grpc.add_DecoderServicer_to_server,
     add_arguments=add_decoder_arguments,
-    engine_options=tiling_from_args,
+    engine_options=lambda args: {**tiling_from_args(args), "compile_vae": vae_compile_from_args(args)},
 )
 
 
@@ -141,6 +143,7 @@ def gang_size(args: argparse.Namespace, joined: tuple[int, int, int] | None) -> 
         raise ValueError(f"--devices must be at least 1, got {devices}")
     if joined is not None and devices != joined[1]:
         raise ValueError(f"--devices {devices} but WORLD_SIZE is {joined[1]}")
+    check_vae_compile(args, devices)
     if joined is None and devices > 1:
         platform = select_platform(args.device)
         if platform.kind != "cpu" and platform.device_count() < devices:

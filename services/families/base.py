@@ -214,6 +214,10 @@ class Decoding(abc.ABC):
         """The conditioning image through the VAE's encoder, float32 on the CPU (models that take an image)."""
         raise InvalidArgument("image", "this model takes no conditioning image")
 
+    @abc.abstractmethod
+    def warmup_latents(self, width: int, height: int, num_frames: int) -> torch.Tensor:
+        """Zero latents, as they travel, of one output of this size (the decoder's compile warm-up)."""
+
 
 TransformerLoader = Callable[[str], torch.nn.Module]   # component name -> the loaded (maybe sharded) module
 

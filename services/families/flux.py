@@ -240,6 +240,9 @@ class FluxDecoding(Decoding):
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
             raise InvalidArgument("latents", f"shape {list(latents.shape)} is not [n, {self.latent_channels}, H, W]")
 
+    def warmup_latents(self, width: int, height: int, num_frames: int) -> torch.Tensor:
+        return torch.zeros(1, self.latent_channels, height // self.spatial_scale, width // self.spatial_scale)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # As the pipeline after its loop: de-normalise in the VAE's dtype, decode, then the image processor's
         # post-processing (denormalize to 0..1 in that dtype; float32 last, as its numpy output).

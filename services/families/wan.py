@@ -224,11 +224,16 @@ class WanDecoding(Decoding):
         self.latents_mean = torch.tensor(config.latents_mean).view(1, self.z_dim, 1, 1, 1)
         self.latents_std = torch.tensor(config.latents_std).view(1, self.z_dim, 1, 1, 1)
         self.spatial_scale = int(config.scale_factor_spatial)
+        self.temporal_scale = int(config.scale_factor_temporal)
         self.video_processor = VideoProcessor(vae_scale_factor=self.spatial_scale)
 
     def check(self, latents: torch.Tensor) -> None:
         if latents.dim() != 5 or latents.shape[1] != self.z_dim:
             raise InvalidArgument("latents", f"shape {list(latents.shape)} is not [n, {self.z_dim}, T, H, W]")
+
+    def warmup_latents(self, width: int, height: int, num_frames: int) -> torch.Tensor:
+        return torch.zeros(1, self.z_dim, (num_frames - 1) // self.temporal_scale + 1, height // self.spatial_scale,
+                           width // self.spatial_scale)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         video = self.vae.decode(self._normalized(latents), return_dict=False)[0]        # [n, 3, F, H, W]

@@ -94,6 +94,17 @@ def test_a_server_that_cannot_start_says_why_in_one_line(model_dir, tmp_path, ar
         assert "/nonexistent/model is not a diffusers model directory" in lines[-1]
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--compile-vae", "--devices", "2"], "--compile-vae with --devices 2: a decoder gang's row split is untried"),
+    (["--compile-vae", "--vae-warmup-sizes", "50x32x9"], "--vae-warmup-sizes 50x32x9: width: 50 must be a multiple"),
+])
+def test_a_compiled_vae_that_cannot_work_fails_start_up_in_one_line(model_dir, flags, message):
+    done = subprocess.run([sys.executable, "-m", "diffmesh.cli", "serve", "decoder", "--model", str(model_dir),
+                           "--device", "cpu", "--port", "0", *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"cannot start: {message}" in ours(done.stderr).splitlines()[-1], done.stderr
+
+
 def ours(stderr: str) -> str:
     """stderr without what transformers prints on its first import on this machine (it has no torchvision): the
     lines diffmesh itself wrote."""
