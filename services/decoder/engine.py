@@ -179,14 +179,17 @@ class DecoderEngine:
                 chunks: Callable[[], Iterable[torch.Tensor]]) -> np.ndarray | None:
         """Frames on the device, chunk by chunk -> uint8 pixels into `files` (rounded as diffusers' numpy_to_pil
         does, on the device, so a quarter of the bytes cross), then `files` closed; the float frames on the host
-        when asked. Any failure aborts `files` (its `write` stops) and is raised."""
+        when asked. Any failure aborts `files` (its `write` stops) and is raised; `files` aborted from elsewhere
+        stops the decode at its next chunk (WriteAborted)."""
         kept: list[np.ndarray] = []
         try:
             for frames in chunks():                                                   # [n, f, H, W, 3]
+                files.check_wanted()
                 if files.format != "none":
                     files.add((frames * 255).round().to(torch.uint8).cpu().numpy())
                 if params.return_frames:
                     kept.append(frames.cpu().numpy())
+                files.check_wanted()            # before the next chunk is decoded
         except BaseException:
             files.abort()
             raise

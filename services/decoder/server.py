@@ -77,11 +77,22 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                 place = await held.enter_async_context(self.encoders.place())
                 files = self.engine.file_writer(params, tensors["latents"])
                 written = place.start(files.write)
+                # grpc.aio does not cancel this handler when the client goes away (cancel, deadline); the RPC's
+                # done-callback fires, and the decode stops at its next chunk (a Wan video's next latent frame).
+                context.add_done_callback(lambda _: files.abort())
+                work = asyncio.ensure_future(asyncio.to_thread(self.engine.decode_pixels, params,
+                                                               tensors["latents"], files))
+                # Read below, unless this handler is cancelled first (asyncio would log it as never retrieved).
+                work.add_done_callback(lambda task: task.cancelled() or task.exception())
                 try:
-                    frames = await asyncio.to_thread(self.engine.decode_pixels, params, tensors["latents"], files)
+                    await asyncio.wait({work})
+                    frames = work.result()
                 except BaseException:
                     files.abort()       # the decode failed or this call was cancelled: no files
                     written.cancel()    # nobody waits for them (the thread stops at the abort)
+                    if not work.done():
+                        # Hold the gate until the VAE thread has stopped: two decodes never share the VAE.
+                        await asyncio.wait({work})
                     raise
             decoded = Decoded(media=await written, frames=frames)
         for index, item in enumerate(decoded.media):

@@ -5,7 +5,8 @@ one of the file encoders' threads (services/decoder/encoders.py), encodes them a
 A video's MP4 is then encoded while its later frames are still being decoded, so what follows the VAE is the
 encoding of its last chunk, not of the whole video (Wan2.1 480x832x81 on an H200: decode 1.83 s, then MP4 0.87 s
 whole; streamed, 0.14 s after the decode: bench/diagnostics/vae_stream.py). A PNG is one frame: it is encoded
-when its chunk comes. Whoever decodes calls `abort` instead of `close` when the decode fails, and `write` stops.
+when its chunk comes. Whoever decodes calls `abort` instead of `close` when the decode fails, and `write` stops; an
+abort from elsewhere (the caller went away) stops the decode too, at its next chunk (`aborted`).
 
 The phase `media_encode` (metrics, traces) runs from the first chunk's arrival to the files' end: for a streamed
 video it overlaps the decode, and the part after the decode is what the request waits for.
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
 
 import numpy as np
 
 from services.common import metrics
+from services.common.errors import Cancelled
 from services.decoder import media
 
 
@@ -28,8 +31,9 @@ class MediaItem:
     data: bytes
 
 
-class WriteAborted(Exception):
-    """The decode feeding this writer failed: there are no files."""
+class WriteAborted(Cancelled):
+    """The request's files were given up (its decode failed, or its caller went away): there are none. A decode
+    that finds its writer aborted stops at its next chunk with this."""
 
 
 _CLOSED = object()
@@ -47,6 +51,7 @@ class FileWriter:
         # Unbounded: a request's pixels are on the host in either case (97 MB for a 480x832x81 video), and the
         # encoders' places bound how many requests are (services/decoder/encoders.py).
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborted = threading.Event()
 
     def add(self, pixels: np.ndarray) -> None:
         """The next frames of every output: uint8 [n, f, H, W, 3]."""
@@ -61,7 +66,18 @@ class FileWriter:
         return self._chunks.qsize()
 
     def abort(self) -> None:
-        self._chunks.put(_ABORTED)
+        if not self._aborted.is_set():
+            self._aborted.set()
+            self._chunks.put(_ABORTED)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
+    def check_wanted(self) -> None:
+        """For the decode: WriteAborted once the files were given up elsewhere (the caller went away)."""
+        if self.aborted:
+            raise WriteAborted("the request's files were given up during its decode")
 
     def write(self) -> list[MediaItem]:
         """Encode the chunks as they come, until `close` (the files) or `abort` (WriteAborted)."""

@@ -13,7 +13,10 @@ second decode could only start after the first's files were done.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import pathlib
 import secrets
+import time
 
 import grpc
 import pytest
@@ -83,3 +86,47 @@ def test_the_next_calls_vae_decode_overlaps_this_calls_files_which_stay_the_same
     assert second["diffmesh.decode"].start_ns >= first["diffmesh.decode"].end_ns, "two VAE decodes at once"
     overlap_s = (first["diffmesh.media_encode"].end_ns - second["diffmesh.decode"].start_ns) / 1e9
     assert overlap_s > 0, f"the second decode started {-overlap_s:.3f} s after the first call's files were done"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux's /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_gone_mid_video_frees_the_vae_at_the_next_latent_frame(model_dir, tmp_path):
+    """A 41-latent-frame video of the tiny Wan (about half a second of VAE per latent frame on the 2-core machine)
+    whose client gives up after 2 s: its decode stops at the next latent frame, so a call sent then gets the VAE at
+    once instead of after the many seconds the rest of the video would take."""
+    decoder = DenoiserProcess(model_dir, tmp_path, [], stage="decoder")
+    try:
+        stub = decoder_pb2_grpc.DecoderStub(grpc.insecure_channel(decoder.address, options=[
+            ("grpc.max_receive_message_length", 64 << 20)]))
+
+        def requests(request_id: str, latents: torch.Tensor):
+            yield decoder_pb2.DecodeRequest(params=decoder_pb2.DecodeParams(request_id=request_id, model="wan2.1-tiny"))
+            for chunk in iter_chunks("latents", latents):
+                yield decoder_pb2.DecodeRequest(tensor=chunk)
+
+        generator = torch.Generator().manual_seed(4)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.Decode(requests("long-video", torch.randn((1, 16, 41, 30, 52), generator=generator)),
+                             timeout=2))
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        started = time.monotonic()
+        responses = list(stub.Decode(requests("next", torch.randn((1, 16, 3, 4, 6), generator=generator)),
+                                     timeout=60))
+        waited = time.monotonic() - started
+        assert b"".join(r.media.data for r in responses if r.WhichOneof("item") == "media")[4:8] == b"ftyp"
+        assert waited < 10, f"the next call took {waited:.1f} s: the cancelled video kept the VAE"
+        # The long call ended (its access line) one latent frame or so after its deadline, not after its video,
+        # and its decode ended with it: the decoder, idle now, burns no more CPU (the rest of the video would keep
+        # a core busy for many seconds).
+        [ended] = [line for line in decoder.log if "Decoder/Decode CANCELLED" in line]
+        assert float(ended.split()[-1].removesuffix("ms")) < 8000, "".join(decoder.log[-15:])
+        time.sleep(0.5)
+        before = cpu_seconds(decoder.process.pid)
+        time.sleep(2.0)
+        assert cpu_seconds(decoder.process.pid) - before < 0.5, "the cancelled video is still decoding"
+    finally:
+        assert decoder.stop() == 0, "".join(decoder.log[-30:])

@@ -160,3 +160,27 @@ def test_a_png_is_one_frame_per_output_and_none_writes_nothing():
     assert files.write() == [] and files.pending() == 0
     with pytest.raises(ValueError, match="'gif' is not png, mp4 or none"):
         FileWriter("gif")
+
+
+def test_files_given_up_elsewhere_stop_the_decode_at_its_next_chunk(engine):
+    latents = latents_for(engine, 4, 4, 6)
+    files = engine.file_writer(DecodeParams("r"), latents)
+    decoded: list[int] = []
+    chunks = engine.decoding.decode_chunks
+
+    def counted(x):
+        for chunk in chunks(x):
+            decoded.append(chunk.shape[1])
+            files.abort()                         # the caller goes away while the first chunk decodes
+            yield chunk
+
+    engine.decoding.decode_chunks = counted
+    try:
+        with pytest.raises(WriteAborted, match="given up during its decode"):
+            engine.decode_pixels(DecodeParams("r"), latents, files)
+    finally:
+        del engine.decoding.decode_chunks
+    assert decoded == [1]                         # not handed over, and nothing more decoded
+    with pytest.raises(WriteAborted):
+        files.write()
+    assert WriteAborted("x").grpc_code.name == "CANCELLED"
