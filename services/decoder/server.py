@@ -77,8 +77,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                 place = await held.enter_async_context(self.encoders.place())
                 files = self.engine.file_writer(params, tensors["latents"])
                 written = place.start(files.write)
-                # grpc.aio does not cancel this handler when the client goes away (cancel, deadline); the RPC's
-                # done-callback fires, and the decode stops at its next chunk (a Wan video's next latent frame).
+                # When the client goes away (cancel, deadline) grpc.aio may cancel this handler or only end the RPC;
+                # either way its done-callback fires, and the decode stops at its next chunk (a Wan video's next
+                # latent frame).
                 context.add_done_callback(lambda _: files.abort())
                 work = asyncio.ensure_future(asyncio.to_thread(self.engine.decode_pixels, params,
                                                                tensors["latents"], files))
