@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -168,23 +167,20 @@ def in_process(case: Case, engine, latents: torch.Tensor, repeats: int) -> dict:
 
     vae_s, _ = timed_s(vae, repeats)
     pixels = np.concatenate(kept, axis=1)
-    files_s, media = timed_s(files, repeats)
+    files_s, [item] = timed_s(files, repeats)
     streamed_s, _ = timed_s(streamed, repeats)
-    decoded = types.SimpleNamespace(media=media)
-    host = types.SimpleNamespace(pixels=pixels)
-    [item] = decoded.media
-    result = {"latents": list(latents.shape), "pixels": list(host.pixels.shape),
+    result = {"latents": list(latents.shape), "pixels": list(pixels.shape),
               "vae_decode_ms": round(1000 * vae_s, 2), "vae_then_files_ms": round(1000 * (vae_s + files_s), 2),
               "streamed_ms": round(1000 * streamed_s, 2),
               "files": {case.format: {"ms": round(1000 * files_s, 2), "bytes": len(item.data)}}}
     if case.format == "png":
-        check_png(item.data, host.pixels[0, 0])
+        check_png(item.data, pixels[0, 0])
         for output_format in ("jpeg", "webp"):
             seconds, (data, _) = timed_s(lambda f=output_format: media_assets.encode_image(item.data, f), repeats)
-            assert Image.open(io.BytesIO(data)).size == host.pixels.shape[3:1:-1]
+            assert Image.open(io.BytesIO(data)).size == pixels.shape[3:1:-1]
             result["files"][output_format] = {"ms": round(1000 * seconds, 2), "bytes": len(data), "from": "the PNG"}
     else:
-        check_mp4(item.data, host.pixels.shape[1:])
+        check_mp4(item.data, pixels.shape[1:])
         found = re.search(rb"x264 - core (\d+)", item.data)
         result["x264_core"] = int(found.group(1)) if found else None
     for timing in result["files"].values():

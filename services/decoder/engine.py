@@ -10,10 +10,11 @@ the VAE takes the next request while this one's last frames are encoded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class DecoderEngine:
         self.limits = self.family.limits(model)
         self.decoding = self.family.decoding(model, dtype or platform.default_dtype(), self.device)
         self.tiling = tiling
-        self.compiled_shapes: set[tuple[int, ...]] | None = None     # latent shapes the compiled decoder has seen
+        self.compiled_shapes: set[tuple[int, ...]] | None = None     # compiled_key()s the compiled decoder has seen
         logger.info("decoder loaded %s (%s family) on %s, VAE tiling %s", model.path, self.family.name,
                     self.device, tiling.mode)
         if compile_vae is not None:
@@ -95,6 +96,7 @@ class DecoderEngine:
             except InvalidArgument as error:
                 raise ValueError(f"--vae-warmup-sizes {width}x{height}x{frames}: {error.message}") from None
             latents = self.decoding.warmup_latents(width, height, frames)
+            self.compiled_shapes.add(self.compiled_key(latents))          # compiled here, not by a request
             started = time.perf_counter()
             self.decode_pixels(DecodeParams("warmup", format="none"), latents, FileWriter("none"))
             self.platform.synchronize()
@@ -153,27 +155,38 @@ class DecoderEngine:
         decode fails); the float frames [n, F, H, W, 3] on the host when asked for."""
         # 1. Check inputs
         self.check(params, latents)
-        self.note_compile(tuple(latents.shape), params.request_id)
+        self.note_compile(latents, params.request_id)
         # 2. The family's decode, chunk by chunk: de-normalise, VAE decode, post-process as its pipeline does
-        frame_pixels = latents.shape[-2] * latents.shape[-1] * self.decoding.spatial_scale ** 2
-        with self.tiling.applied(self.decoding.vae, frame_pixels), metrics.phase("decode", self.model_name):
+        with self.decoding_scope(latents):
             # 3. To the host, each chunk into the files as it comes
             return self.deliver(params, files, lambda: self.decoding.decode_chunks(latents))
 
-    def note_compile(self, shape: tuple[int, ...], request_id: str) -> None:
-        """Say when a request waits for the compiled decoder to compile its latents' shape."""
-        if self.compiled_shapes is None or shape in self.compiled_shapes:
-            return
-        if request_id != "warmup":
-            logger.info("compiling the VAE decoder for latents %s (not in --vae-warmup-sizes): this request waits "
-                        "for it", list(shape))
-        self.compiled_shapes.add(shape)
-
     def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
         """Checked latents -> frames float32 [n, F, H, W, 3] in 0..1 on the device, tiled as the policy says."""
+        with self.decoding_scope(latents):
+            return self.decoding.decode(latents)
+
+    @contextlib.contextmanager
+    def decoding_scope(self, latents: torch.Tensor) -> Iterator[None]:
+        """A decode of these latents: the VAE tiled as the policy says for their frame size, timed as `decode`."""
         frame_pixels = latents.shape[-2] * latents.shape[-1] * self.decoding.spatial_scale ** 2
         with self.tiling.applied(self.decoding.vae, frame_pixels), metrics.phase("decode", self.model_name):
-            return self.decoding.decode(latents)
+            yield
+
+    @staticmethod
+    def compiled_key(latents: torch.Tensor) -> tuple[int, ...]:
+        """What the compiled decoder's graphs depend on: outputs and latent rows and columns (a video's length only
+        repeats its per-latent-frame calls)."""
+        return (latents.shape[0], *latents.shape[-2:])
+
+    def note_compile(self, latents: torch.Tensor, request_id: str) -> None:
+        """Say when a request waits for the compiled decoder to compile for its latents."""
+        key = self.compiled_key(latents)
+        if self.compiled_shapes is None or key in self.compiled_shapes:
+            return
+        logger.info("compiling the VAE decoder for latents %s (not in --vae-warmup-sizes): %s waits for it",
+                    list(latents.shape), request_id)
+        self.compiled_shapes.add(key)
 
     def deliver(self, params: DecodeParams, files: FileWriter,
                 chunks: Callable[[], Iterable[torch.Tensor]]) -> np.ndarray | None:

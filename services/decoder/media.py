@@ -48,7 +48,7 @@ def encode_mp4(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
 
 class Mp4Writer:
     """An H.264 MP4 written a few frames at a time, so a video's encoding can run while its later frames are still
-    being decoded (services/decoder/streaming.py); `finish` flushes the encoder and returns the file's bytes. The
+    being decoded (services/decoder/writer.py); `finish` flushes the encoder and returns the file's bytes. The
     same settings and the same frames give the same file as `encode_mp4` (it is this, given every frame at once)."""
 
     def __init__(self, width: int, height: int, fps: int = DEFAULT_FPS) -> None:
